@@ -1,0 +1,37 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Each builds .venv on first use.
+#
+# torch is installed first from TORCH_SPEC, so that a CPU machine never resolves a multi-GB CUDA build:
+#   make test TORCH_SPEC="torch==2.13.0"                       (default: the local CPU wheel here)
+#   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"   (a GPU machine)
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+DEMO_RECIPE ?= recipes/03_gru.py
+PYTEST_ARGS ?= -n 2 --durations=15
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hf_models-installed
+
+.PHONY: demo test lessons bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/python $(DEMO_RECIPE)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lessons: $(STAMP)
+	for recipe in recipes/0*.py; do $(BIN)/python $$recipe || exit 1; done
+
+bench: $(STAMP)
+	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,59 @@
+"""hf_models: a Hugging Face native LLM zoo, built from scratch one lesson at a time.
+
+``import hf_models`` registers every model of the zoo with transformers' ``Auto*`` classes, so
+``AutoConfig``, ``AutoModelForCausalLM``, ``AutoTokenizer`` and ``pipeline`` resolve our model
+types like any built-in one. Each model class is also registered for ``trust_remote_code``: a
+folder saved with ``save_pretrained`` carries its modeling files and an ``auto_map``, so it loads
+on a machine where ``hf_models`` is not installed, as it would from the Hub.
+
+Layout. The model code (configs, modeling files and the hand-written blocks they use) sits flat in
+this folder and imports its siblings only with ``from .x import y``, because that is all
+``trust_remote_code`` copies next to a checkpoint. Everything a saved model never needs (corpora,
+tokenizer training, evaluation, training plumbing, model cards) lives in the subpackages
+``data``, ``tokenization``, ``evaluation`` and ``training``.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from .configuration_bigram import BigramConfig
+from .configuration_gru import GRULMConfig
+from .configuration_ngram_mlp import NGramMLPConfig
+from .modeling_bigram import BigramForCausalLM
+from .modeling_gru import GRULMForCausalLM
+from .modeling_ngram_mlp import NGramMLPForCausalLM
+
+__version__ = "0.1.0"
+
+# model_type -> (config class, causal LM class). A new lesson joins the zoo, and the integration
+# test matrix, by adding its line here.
+MODEL_REGISTRY: dict[str, tuple[type, type]] = {
+    BigramConfig.model_type: (BigramConfig, BigramForCausalLM),
+    NGramMLPConfig.model_type: (NGramMLPConfig, NGramMLPForCausalLM),
+    GRULMConfig.model_type: (GRULMConfig, GRULMForCausalLM),
+}
+
+
+def _register_with_auto_classes() -> None:
+    for config_class, model_class in MODEL_REGISTRY.values():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+        # Every zoo tokenizer is a plain PreTrainedTokenizerFast, so none needs remote code.
+        AutoTokenizer.register(config_class, tokenizer_class=PreTrainedTokenizerFast, exist_ok=True)
+        # Makes save_pretrained write `auto_map` and copy the modeling files next to the weights.
+        config_class.register_for_auto_class()
+        model_class.register_for_auto_class("AutoModelForCausalLM")
+
+
+_register_with_auto_classes()
+
+__all__ = [
+    "MODEL_REGISTRY",
+    "BigramConfig",
+    "BigramForCausalLM",
+    "GRULMConfig",
+    "GRULMForCausalLM",
+    "NGramMLPConfig",
+    "NGramMLPForCausalLM",
+]

@@ -1,0 +1,56 @@
+"""Configuration of the GRU language model (lesson 3)."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from .config_validation import require_choice, require_positive_int, require_probability
+from .gru import GRU_IMPLEMENTATIONS
+
+
+class GRULMConfig(PreTrainedConfig):
+    r"""
+    A stack of GRU layers between a token embedding and a (tied) output projection.
+
+    Args:
+        vocab_size (`int`, defaults to 2048): Number of tokens.
+        hidden_size (`int`, defaults to 384): Width of the embeddings and of every GRU state.
+        num_hidden_layers (`int`, defaults to 2): Number of stacked GRU layers.
+        dropout (`float`, defaults to 0.0): Dropout between layers during training.
+        gru_implementation (`str`, defaults to `"torch"`):
+            `"eager"` runs the hand-written loop of `gru.GRULayer`; `"torch"` runs the same weights through
+            the fused `torch.gru` kernel that `torch.nn.GRU` uses. They give the same outputs.
+        max_position_embeddings (`int`, defaults to 1024):
+            The longest sequence the model accepts. A recurrent net has no context limit in its math; this is
+            the length it was trained and evaluated at. Raise it freely.
+        initializer_range (`float`, defaults to 0.02): Standard deviation of the embedding init.
+        tie_word_embeddings (`bool`, defaults to `True`): Share the embedding and output matrices.
+        use_cache (`bool`, defaults to `True`): Whether `forward` returns the recurrent state for `generate()`.
+    """
+
+    model_type = "zoo_gru"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 2048
+    hidden_size: int = 384
+    num_hidden_layers: int = 2
+    dropout: float = 0.0
+    gru_implementation: str = "torch"
+    max_position_embeddings: int = 1024
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self):
+        """Fail on values the model cannot be built with, naming the field (also runs on `from_pretrained`)."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
+            require_positive_int(self, name)
+        require_probability(self, "dropout")
+        require_choice(self, "gru_implementation", GRU_IMPLEMENTATIONS)
+
+
+__all__ = ["GRULMConfig"]

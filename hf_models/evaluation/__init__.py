@@ -1,0 +1,10 @@
+"""Held-out evaluation shared by every lesson: loss, perplexity and bits per byte."""
+
+from .language_modeling import (
+    BITS_PER_BYTE_METRIC,
+    evaluate_token_stream,
+    load_bits_per_byte_metric,
+    trainer_metric_functions,
+)
+
+__all__ = ["BITS_PER_BYTE_METRIC", "evaluate_token_stream", "load_bits_per_byte_metric", "trainer_metric_functions"]

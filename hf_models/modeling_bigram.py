@@ -1,0 +1,79 @@
+"""Lesson 1: the bigram language model, a table of next-token logits.
+
+``logits[t] = table[input_ids[t]]``: row ``a`` of the table holds the (unnormalised) log
+probabilities of every token that can follow token ``a``. Training it by gradient descent on
+cross-entropy converges to the counting solution, ``P(b | a) = count(a, b) / count(a)``, because the
+softmax of a free row can represent any distribution, and the maximum-likelihood distribution is the
+empirical one. The lesson's recipe checks this: the trained model's validation loss lands on the
+add-one-smoothed count model computed in closed form.
+
+Why bother training what we can count? Because everything after this lesson keeps the exact same
+interface (ids in, logits out, cross-entropy loss, ``generate()``), and only the function between
+the ids and the logits gets more expressive.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .causal_lm import ZooPreTrainedModel, keep_last_positions
+from .configuration_bigram import BigramConfig
+from .recurrent_cache import RecurrentStateCache
+
+
+class BigramPreTrainedModel(ZooPreTrainedModel):
+    config_class = BigramConfig
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Embedding):
+            if self.config.initializer_range == 0.0:
+                init.zeros_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+
+class BigramForCausalLM(BigramPreTrainedModel, GenerationMixin):
+    """A ``vocab_size x vocab_size`` logits table (as an ``nn.Embedding``: row lookup is all it does).
+
+    The only past a bigram needs is the current token, so the cache carries no state: with
+    ``use_cache=True`` each generation step feeds just the newest token.
+    """
+
+    def __init__(self, config: BigramConfig):
+        super().__init__(config)
+        self.logits_table = nn.Embedding(config.vocab_size, config.vocab_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.logits_table
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.logits_table = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: RecurrentStateCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self.check_input_ids(input_ids, past_length)
+        if use_cache and past_key_values is None:
+            past_key_values = RecurrentStateCache(num_layers=0)
+
+        logits = self.logits_table(keep_last_positions(input_ids, logits_to_keep))  # (B, T) -> (B, T, V)
+        if past_key_values is not None:
+            past_key_values.advance(input_ids.shape[1])
+        return self.causal_lm_output(logits, labels, past_key_values if use_cache else None, **kwargs)
+
+
+__all__ = ["BigramForCausalLM", "BigramPreTrainedModel"]

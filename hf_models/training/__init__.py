@@ -1,0 +1,32 @@
+"""Recipe plumbing shared by every lesson: arguments, Trainer set-up, atomic saving, model cards.
+
+Saved models never import this package; it is for the training side only.
+"""
+
+from .arguments import DataArguments, LessonArguments
+from .checkpoint import save_folder_atomically, write_json_atomically
+from .lesson import (
+    build_trainer,
+    bpe_tokenizer_for,
+    evaluate_splits,
+    finish_lesson,
+    parse_lesson_args,
+    sample_with_pipeline,
+)
+from .model_card import build_model_card
+from .throughput import ThroughputCallback
+
+__all__ = [
+    "DataArguments",
+    "LessonArguments",
+    "ThroughputCallback",
+    "bpe_tokenizer_for",
+    "build_model_card",
+    "build_trainer",
+    "evaluate_splits",
+    "finish_lesson",
+    "parse_lesson_args",
+    "sample_with_pipeline",
+    "save_folder_atomically",
+    "write_json_atomically",
+]

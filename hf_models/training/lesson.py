@@ -1,0 +1,173 @@
+"""The steps every lesson recipe shares, so that a recipe reads as its lesson and nothing else.
+
+A recipe goes top to bottom: data -> tokenizer -> model -> :func:`build_trainer` + train ->
+:func:`evaluate_splits` -> :func:`finish_lesson` (save the folder atomically with its model card,
+write ``results.json``, read a sample back through ``pipeline`` from the saved folder, push to the
+Hub when asked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from datasets import DatasetDict
+from huggingface_hub import HfApi
+from transformers import (
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    pipeline,
+    set_seed,
+)
+
+from ..causal_lm import check_tokenizer_matches_model
+from ..data import split_token_ids
+from ..evaluation import evaluate_token_stream, trainer_metric_functions
+from ..tokenization import ByteLevelBPE
+from .arguments import DataArguments, LessonArguments
+from .checkpoint import save_folder_atomically, write_json_atomically
+from .model_card import build_model_card
+from .throughput import ThroughputCallback
+
+CACHE_DIR = Path(os.environ.get("HF_MODELS_CACHE", Path.home() / ".cache" / "hf_models"))
+
+
+def parse_lesson_args(model_arguments_type: type, defaults: dict, args: list[str] | None = None):
+    """Parse ``(model args, DataArguments, LessonArguments, TrainingArguments)`` with the recipe's defaults."""
+    parser = HfArgumentParser((model_arguments_type, DataArguments, LessonArguments, TrainingArguments))
+    parser.set_defaults(report_to="none", save_strategy="no", eval_strategy="steps", logging_first_step=True, **defaults)
+    model_args, data_args, lesson_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    lesson_args.push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    set_seed(training_args.seed)
+    return model_args, data_args, lesson_args, training_args
+
+
+def bpe_tokenizer_for(train_texts: list[str], vocab_size: int, retrain: bool = False) -> tuple[PreTrainedTokenizerFast, float]:
+    """Train the hand-written byte-level BPE on ``train_texts`` (or reuse a cached run on the same text).
+
+    Returns the exported fast tokenizer and the training time in seconds (0 when cached).
+    """
+    digest = hashlib.sha256("\x00".join(train_texts).encode()).hexdigest()[:16]
+    folder = CACHE_DIR / "tokenizers" / f"bpe-{vocab_size}-{digest}"
+    if folder.exists() and not retrain:
+        return AutoTokenizer.from_pretrained(folder), 0.0
+    start = time.perf_counter()
+    tokenizer = ByteLevelBPE.train(train_texts, vocab_size=vocab_size).to_fast_tokenizer()
+    seconds = time.perf_counter() - start
+    save_folder_atomically(folder, tokenizer.save_pretrained)
+    return tokenizer, seconds
+
+
+def build_trainer(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerFast,
+    packed: DatasetDict,
+    training_args: TrainingArguments,
+    byte_lengths: torch.LongTensor,
+    max_eval_blocks: int = 64,
+) -> tuple[Trainer, ThroughputCallback]:
+    """A ``Trainer`` whose evaluation reports bits per byte, plus a callback that times the steps."""
+    check_tokenizer_matches_model(tokenizer, model)
+    block_size = len(packed["train"][0]["input_ids"])
+    tokens_per_step = (
+        block_size
+        * training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
+    )
+    throughput = ThroughputCallback(tokens_per_step)
+    preprocess_logits_for_metrics, compute_metrics = trainer_metric_functions(byte_lengths)
+    validation = packed["validation"]
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=packed["train"],
+        eval_dataset=validation.select(range(min(max_eval_blocks, len(validation)))),
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        callbacks=[throughput],
+    )
+    return trainer, throughput
+
+
+def evaluate_splits(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerFast,
+    corpus: DatasetDict,
+    byte_lengths: torch.LongTensor,
+    context_length: int,
+    max_tokens: int | None = None,
+    splits: tuple[str, ...] = ("validation", "test"),
+) -> dict[str, dict[str, float]]:
+    """Whole-split held-out metrics for each of ``splits`` the corpus has."""
+    return {
+        split: evaluate_token_stream(
+            model, split_token_ids(corpus[split], tokenizer), byte_lengths, context_length, max_tokens=max_tokens
+        )
+        for split in splits
+        if split in corpus
+    }
+
+
+def sample_with_pipeline(folder: str | os.PathLike, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+    """Read the saved folder back through ``pipeline("text-generation")`` and sample from it."""
+    set_seed(seed)
+    generator = pipeline("text-generation", model=str(folder), device="cpu")
+    out = generator(prompt, max_new_tokens=max_new_tokens, do_sample=True, top_k=50, temperature=0.8)
+    return out[0]["generated_text"]
+
+
+def finish_lesson(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerFast,
+    training_args: TrainingArguments,
+    lesson_args: LessonArguments,
+    data_args: DataArguments,
+    results: dict,
+    card: dict,
+) -> Path:
+    """Save the model folder (weights, config, code, tokenizer, card) atomically, sample from it,
+    write ``results.json``, copy the card, and push to the Hub if ``--push_to_hub`` was given.
+
+    ``card`` holds the text fields of :func:`build_model_card` (summary, lesson, limitations, ...).
+    """
+    output_dir = Path(training_args.output_dir)
+    folder = output_dir / lesson_args.model_name
+    if not training_args.process_index == 0:
+        return folder
+    model_card = build_model_card(
+        model_name=lesson_args.model_name,
+        dataset=data_args.dataset,
+        results={k: v for k, v in results.items() if k in ("validation", "test")},
+        repo_hint=training_args.hub_model_id,
+        **card,
+    )
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        model_card.save(tmp / "README.md")
+
+    save_folder_atomically(folder, write)
+    results = dict(results, model_folder=str(folder), data=asdict(data_args))
+    results["sample"] = sample_with_pipeline(folder, lesson_args.sample_prompt, lesson_args.sample_tokens, training_args.seed)
+    write_json_atomically(output_dir / "results.json", results)
+    if lesson_args.card_copy:
+        Path(lesson_args.card_copy).parent.mkdir(parents=True, exist_ok=True)
+        model_card.save(lesson_args.card_copy)
+    if lesson_args.push_to_hub:
+        repo_id = training_args.hub_model_id or lesson_args.model_name
+        api = HfApi(token=training_args.hub_token)
+        api.create_repo(repo_id, exist_ok=True, private=training_args.hub_private_repo)
+        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload {lesson_args.model_name}")
+    return folder

@@ -1,0 +1,249 @@
+"""The integration matrix: every registered model passes the same checks a Hub user relies on.
+
+Parametrized over ``hf_models.MODEL_REGISTRY``: a new lesson's model joins by registering.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator, pipeline
+
+import hf_models
+from hf_models.causal_lm import check_tokenizer_matches_model
+from tests.conftest import TINY_CONFIGS, TINY_TEXT, build_tiny_model
+
+MODEL_TYPES = sorted(hf_models.MODEL_REGISTRY)
+ALLOWED_TOP_LEVEL_IMPORTS = {"torch", "transformers"}
+
+
+def test_every_registered_model_has_a_tiny_config():
+    assert set(TINY_CONFIGS) == set(hf_models.MODEL_REGISTRY)
+
+
+def test_model_types_do_not_clash_with_transformers():
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    assert not set(hf_models.MODEL_REGISTRY) & set(CONFIG_MAPPING_NAMES)
+
+
+@pytest.fixture(params=MODEL_TYPES)
+def model_type(request):
+    return request.param
+
+
+@pytest.fixture
+def saved(model_type, tiny_tokenizer, tmp_path):
+    """A tiny model saved with its tokenizer: (model, folder)."""
+    model = build_tiny_model(model_type, len(tiny_tokenizer))
+    folder = tmp_path / model_type
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return model, folder
+
+
+def sample_ids(tokenizer, batch: int = 2) -> torch.LongTensor:
+    ids = tokenizer(TINY_TEXT[:24])["input_ids"]
+    return torch.tensor([ids] * batch)
+
+
+def test_save_load_round_trip_safetensors_only(saved, tiny_tokenizer):
+    model, folder = saved
+    files = {p.name for p in folder.iterdir()}
+    assert "model.safetensors" in files
+    assert not {f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))}
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(loaded) is type(model)
+    ids = sample_ids(tiny_tokenizer)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_loads_with_trust_remote_code_where_hf_models_is_not_importable(saved, tiny_tokenizer, tmp_path):
+    model, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    ids = sample_ids(tiny_tokenizer)
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_models"] = None  # any `import hf_models` now raises ImportError
+        import torch
+        from transformers import AutoModelForCausalLM
+        try:
+            import hf_models
+            raise SystemExit("hf_models should not be importable here")
+        except ImportError:
+            pass
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert "hf_models" not in type(model).__module__, type(model).__module__
+        ids = torch.load({str(tmp_path / "ids.pt")!r})
+        with torch.no_grad():
+            torch.save(model(ids).logits, {str(tmp_path / "remote_logits.pt")!r})
+        """
+    )
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "remote_logits.pt"), model(ids).logits, rtol=0, atol=0)
+
+
+def test_carried_code_imports_only_stdlib_torch_transformers_and_siblings(saved):
+    _, folder = saved
+    code_files = sorted(folder.glob("*.py"))
+    siblings = {p.stem for p in code_files}
+    assert {"configuration", "modeling"} <= {s.split("_")[0] for s in siblings}
+    for path in code_files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: must be a sibling file the folder carries
+                    assert node.module in siblings, f"{path.name} imports .{node.module}, which the folder lacks"
+                    continue
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            bad = {r for r in roots if r not in sys.stdlib_module_names and r not in ALLOWED_TOP_LEVEL_IMPORTS}
+            assert not bad, f"{path.name} imports {bad}"
+
+
+def test_carried_code_does_no_io_at_import_time(saved, tmp_path):
+    """Import the folder's code as a package under an audit hook: no file, network or process work."""
+    _, folder = saved
+    package = tmp_path / "carried"
+    package.mkdir()
+    for path in folder.glob("*.py"):
+        (package / path.name).write_text(path.read_text())
+    (package / "__init__.py").write_text("")
+    modeling = next(p.stem for p in folder.glob("modeling_*.py"))
+    script = textwrap.dedent(
+        f"""
+        import sys, importlib
+        import torch, transformers
+        from transformers import GenerationMixin, PreTrainedModel, PreTrainedConfig
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+        import transformers.cache_utils, transformers.initialization
+        sys.path.insert(0, {str(tmp_path)!r})
+        events = []
+        def hook(event, args):
+            if event == "open" and args and isinstance(args[0], str) and not args[0].endswith((".py", ".pyc")) and "__pycache__" not in args[0] and not args[0].endswith("carried"):
+                events.append((event, args[0]))
+            elif event.startswith(("socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.fork", "urllib.")):
+                events.append((event, str(args)[:200]))
+        sys.addaudithook(hook)
+        importlib.import_module("carried.{modeling}")
+        print(repr(events))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+
+
+def test_pipeline_text_generation_from_folder(saved):
+    _, folder = saved
+    generator = pipeline("text-generation", model=str(folder), device="cpu")
+    out = generator("ROMEO:\n", max_new_tokens=10, do_sample=False)
+    text = out[0]["generated_text"]
+    assert isinstance(text, str) and text.startswith("ROMEO:\n") and len(text) > len("ROMEO:\n")
+
+
+def test_greedy_generate_is_the_same_with_and_without_cache(model_type, tiny_tokenizer):
+    model = build_tiny_model(model_type, len(tiny_tokenizer))
+    ids = sample_ids(tiny_tokenizer)
+    with_cache = model.generate(ids, max_new_tokens=20, do_sample=False, use_cache=True)
+    without = model.generate(ids, max_new_tokens=20, do_sample=False, use_cache=False)
+    assert with_cache.shape == (2, ids.shape[1] + 20)
+    assert torch.equal(with_cache, without)
+
+
+def test_cached_generation_feeds_one_new_token_per_step(model_type, tiny_tokenizer):
+    """With the cache, each step after the prompt runs the model on the newest token only."""
+    model = build_tiny_model(model_type, len(tiny_tokenizer))
+    lengths = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    ids = sample_ids(tiny_tokenizer, batch=1)
+    model.generate(ids, max_new_tokens=6, do_sample=False)
+    handle.remove()
+    assert lengths == [ids.shape[1]] + [1] * 5
+
+
+def test_one_trainer_step_lowers_the_loss(model_type, tiny_tokenizer, tmp_path):
+    model = build_tiny_model(model_type, len(tiny_tokenizer)).train()
+    ids = sample_ids(tiny_tokenizer, batch=4)
+    batch = {"input_ids": ids, "labels": ids}
+    with torch.no_grad():
+        before = model(**batch).loss.item()
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=5e-2,
+        lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator).train()
+    with torch.no_grad():
+        after = model(**batch).loss.item()
+    assert after < before
+
+
+def lora_targets(model: torch.nn.Module) -> list[str]:
+    """Every Linear layer; a model with none (the bigram table) gets LoRA on its embedding table."""
+    linears = sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return linears or sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)})
+
+
+def test_peft_lora_runs_forward_and_backward(model_type, tiny_tokenizer):
+    model = build_tiny_model(model_type, len(tiny_tokenizer)).train()
+    if model_type == "zoo_gru":
+        model.config.gru_implementation = "eager"  # the fused kernel would bypass the adapters
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(model), init_lora_weights=False))
+    ids = sample_ids(tiny_tokenizer)
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    lora_grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    assert all(p.grad is None for n, p in peft_model.named_parameters() if "lora_" not in n)
+
+
+# --- bad input gets a clear error that names the field -------------------------------------------
+
+
+def test_bad_config_value_names_the_field(model_type):
+    config_class, _ = hf_models.MODEL_REGISTRY[model_type]
+    with pytest.raises(ValueError, match=r"vocab_size.*-3"):
+        config_class(vocab_size=-3)
+    with pytest.raises(ValueError, match=r"max_position_embeddings.*'long'"):
+        config_class(max_position_embeddings="long")
+
+
+def test_sequence_longer_than_context_names_the_limit(model_type, tiny_tokenizer):
+    model = build_tiny_model(model_type, len(tiny_tokenizer))
+    ids = torch.zeros(1, 65, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"65 tokens.*max_position_embeddings=64"):
+        model(ids)
+
+
+def test_tokenizer_and_model_vocab_mismatch(model_type, tiny_tokenizer):
+    model = build_tiny_model(model_type, len(tiny_tokenizer) - 5)
+    with pytest.raises(ValueError, match=rf"tokenizer has {len(tiny_tokenizer)} tokens.*vocab_size is {len(tiny_tokenizer) - 5}"):
+        check_tokenizer_matches_model(tiny_tokenizer, model)
+    with pytest.raises(ValueError, match=r"token id \d+, outside the model's vocabulary"):
+        model(sample_ids(tiny_tokenizer) * 0 + len(tiny_tokenizer) - 1)
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "config.json"])
+def test_folder_with_missing_files_names_the_file(saved, missing):
+    _, folder = saved
+    (folder / missing).unlink()
+    with pytest.raises((OSError, ValueError), match=missing.replace(".", r"\.")):
+        AutoModelForCausalLM.from_pretrained(folder)
