@@ -10,6 +10,7 @@ from .lesson import (
     bpe_tokenizer_for,
     evaluate_splits,
     finish_lesson,
+    load_lesson_corpus,
     parse_lesson_args,
     sample_with_pipeline,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "build_trainer",
     "evaluate_splits",
     "finish_lesson",
+    "load_lesson_corpus",
     "parse_lesson_args",
     "sample_with_pipeline",
     "save_folder_atomically",

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from ..causal_lm import check_tokenizer_matches_model
-from ..data import split_token_ids
+from ..data import load_corpus, split_token_ids
 from ..evaluation import evaluate_token_stream, trainer_metric_functions
 from ..tokenization import ByteLevelBPE
 from .arguments import DataArguments, LessonArguments
@@ -48,6 +48,17 @@ def parse_lesson_args(model_arguments_type: type, defaults: dict, args: list[str
     lesson_args.push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     set_seed(training_args.seed)
     return model_args, data_args, lesson_args, training_args
+
+
+def load_lesson_corpus(data_args: DataArguments) -> DatasetDict:
+    """The corpus named by ``--dataset`` (and ``--data_files`` / ``--dataset_path``)."""
+    return load_corpus(
+        data_args.dataset,
+        data_files=data_args.data_files,
+        dataset_path=data_args.dataset_path,
+        text_column=data_args.text_column,
+        validation_fraction=data_args.validation_fraction,
+    )
 
 
 def bpe_tokenizer_for(train_texts: list[str], vocab_size: int, retrain: bool = False) -> tuple[PreTrainedTokenizerFast, float]:
@@ -135,16 +146,18 @@ def finish_lesson(
     data_args: DataArguments,
     results: dict,
     card: dict,
-) -> Path:
+) -> tuple[Path, dict]:
     """Save the model folder (weights, config, code, tokenizer, card) atomically, sample from it,
     write ``results.json``, copy the card, and push to the Hub if ``--push_to_hub`` was given.
 
     ``card`` holds the text fields of :func:`build_model_card` (summary, lesson, limitations, ...).
+    Prints the held-out bits per byte, where the model was saved and the sample; returns
+    ``(folder, results)``.
     """
     output_dir = Path(training_args.output_dir)
     folder = output_dir / lesson_args.model_name
     if not training_args.process_index == 0:
-        return folder
+        return folder, results
     model_card = build_model_card(
         model_name=lesson_args.model_name,
         dataset=data_args.dataset,
@@ -170,4 +183,8 @@ def finish_lesson(
         api = HfApi(token=training_args.hub_token)
         api.create_repo(repo_id, exist_ok=True, private=training_args.hub_private_repo)
         api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload {lesson_args.model_name}")
-    return folder
+    held_out = "test" if "test" in results else "validation"
+    print(f"\n{held_out} bits per byte: {results[held_out]['bits_per_byte']:.4f}   (loss {results[held_out]['loss']:.4f} nats/token)")
+    print(f"saved to {folder}")
+    print(f"sample, read back through pipeline('text-generation') from that folder:\n{results['sample']}")
+    return folder, results

@@ -1,0 +1,22 @@
+"""Tokenizers of lessons 1 and 2: a character tokenizer and a hand-written byte-level BPE.
+
+Both end up as ``transformers`` fast tokenizers (``save_pretrained`` / ``AutoTokenizer``), and
+:func:`token_byte_lengths` maps any of them to bytes-per-token so that models with different
+vocabularies can be compared in bits per byte.
+"""
+
+from .bpe import GPT2_SPLIT_PATTERN, ByteLevelBPE, bytes_to_unicode, pretokenize, unicode_to_bytes
+from .byte_lengths import token_byte_lengths
+from .char_tokenizer import CHAR_EOS_TOKEN, CHAR_UNK_TOKEN, build_char_tokenizer
+
+__all__ = [
+    "CHAR_EOS_TOKEN",
+    "CHAR_UNK_TOKEN",
+    "GPT2_SPLIT_PATTERN",
+    "ByteLevelBPE",
+    "build_char_tokenizer",
+    "bytes_to_unicode",
+    "pretokenize",
+    "token_byte_lengths",
+    "unicode_to_bytes",
+]
