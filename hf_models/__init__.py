@@ -18,10 +18,14 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .configuration_bigram import BigramConfig
+from .configuration_gpt import GPTConfig
 from .configuration_gru import GRULMConfig
+from .configuration_modern import ModernDecoderConfig
 from .configuration_ngram_mlp import NGramMLPConfig
 from .modeling_bigram import BigramForCausalLM
+from .modeling_gpt import GPTForCausalLM
 from .modeling_gru import GRULMForCausalLM
+from .modeling_modern import ModernDecoderForCausalLM
 from .modeling_ngram_mlp import NGramMLPForCausalLM
 
 __version__ = "0.1.0"
@@ -32,6 +36,8 @@ MODEL_REGISTRY: dict[str, tuple[type, type]] = {
     BigramConfig.model_type: (BigramConfig, BigramForCausalLM),
     NGramMLPConfig.model_type: (NGramMLPConfig, NGramMLPForCausalLM),
     GRULMConfig.model_type: (GRULMConfig, GRULMForCausalLM),
+    GPTConfig.model_type: (GPTConfig, GPTForCausalLM),
+    ModernDecoderConfig.model_type: (ModernDecoderConfig, ModernDecoderForCausalLM),
 }
 
 
@@ -52,8 +58,12 @@ __all__ = [
     "MODEL_REGISTRY",
     "BigramConfig",
     "BigramForCausalLM",
+    "GPTConfig",
+    "GPTForCausalLM",
     "GRULMConfig",
     "GRULMForCausalLM",
+    "ModernDecoderConfig",
+    "ModernDecoderForCausalLM",
     "NGramMLPConfig",
     "NGramMLPForCausalLM",
 ]

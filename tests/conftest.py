@@ -24,6 +24,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "zoo_bigram": dict(initializer_range=0.5),
     "zoo_ngram_mlp": dict(context_size=3, embedding_dim=8, hidden_size=16),
     "zoo_gru": dict(hidden_size=16, num_hidden_layers=2),
+    "zoo_gpt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+    "zoo_modern": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
 }
 
 TINY_TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"

@@ -8,7 +8,7 @@ turns every split of a corpus into such blocks, the way ``run_clm.py`` in ``tran
 2. **Join the documents with the EOS token** (when the tokenizer has one), ``doc0 EOS doc1 EOS
    doc2``. The model then sees where one play or article ends and the next begins, instead of
    learning that *Hamlet* runs straight on into *Henry V*; at generation time EOS is the
-   "stop" signal. A tokenizer without EOS (the character tokenizer) joins them directly.
+   "stop" signal. A tokenizer without an EOS token joins them directly.
 3. **Cut the joined stream into blocks** of exactly ``block_size`` ids (a second
    ``map(batched=True)``). The ragged tail (fewer than ``block_size`` ids) is dropped: padding it
    would waste compute on pad tokens and need an attention mask, and it is less than one block

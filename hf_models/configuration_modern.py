@@ -1,0 +1,110 @@
+"""Configuration of the modern (LLaMA-style) decoder (lessons 5 and 6)."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from .config_validation import require_choice, require_divisible, require_positive_int, require_probability
+from .decoder import KV_CACHE_TYPES, DecoderSpec
+
+
+class ModernDecoderConfig(PreTrainedConfig):
+    r"""
+    A LLaMA-style decoder: RMSNorm, SwiGLU, rotary positions, grouped-query attention, no biases.
+
+    Args:
+        vocab_size (`int`, defaults to 2048): Number of tokens.
+        max_position_embeddings (`int`, defaults to 256): The context length it is trained for.
+        hidden_size (`int`, defaults to 384): Width of the residual stream.
+        intermediate_size (`int`, *optional*): SwiGLU width; defaults to `8/3 * hidden_size` rounded up to a
+            multiple of 32, which keeps the parameter count of a 4x GELU MLP.
+        num_hidden_layers (`int`, defaults to 6): Number of decoder layers.
+        num_attention_heads (`int`, defaults to 6): Query heads per layer.
+        num_key_value_heads (`int`, *optional*): Key/value heads: equal to the query heads for multi-head,
+            1 for multi-query, in between for grouped-query attention. Defaults to `num_attention_heads // 2`
+            when that divides evenly, else `num_attention_heads`.
+        head_dim (`int`, *optional*): Per-head size; defaults to `hidden_size // num_attention_heads`.
+        rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
+        rope_theta (`float`, defaults to 10000.0): Base of the rotary frequencies.
+        dropout (`float`, defaults to 0.0): Dropout on embeddings and on each residual branch.
+        attention_dropout (`float`, defaults to 0.0): Dropout on the attention weights.
+        initializer_range (`float`, defaults to 0.02): Std of the normal init.
+        tie_word_embeddings (`bool`, defaults to `True`): Share the token embedding and the LM head.
+        kv_cache (`str`, defaults to `"growing"`): The hand-written KV cache `generate()` uses by default.
+        use_cache (`bool`, defaults to `True`): Whether `forward` returns the KV cache (outside training).
+        bos_token_id, eos_token_id, pad_token_id (`int`, *optional*): Special token ids, from the tokenizer.
+    """
+
+    model_type = "zoo_modern"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 2048
+    max_position_embeddings: int = 256
+    hidden_size: int = 384
+    intermediate_size: int | None = None
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    kv_cache: str = "growing"
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None and isinstance(self.hidden_size, int):
+            self.intermediate_size = 32 * -(-8 * self.hidden_size // (3 * 32))
+        if self.num_key_value_heads is None and isinstance(self.num_attention_heads, int):
+            heads = self.num_attention_heads
+            self.num_key_value_heads = heads // 2 if heads % 2 == 0 else heads
+        if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self):
+        """Fail on values the model cannot be built with, naming the field (also runs on `from_pretrained`)."""
+        for name in (
+            "vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim",
+        ):
+            require_positive_int(self, name)
+        require_divisible(self, "num_attention_heads", "num_key_value_heads")
+        if self.head_dim % 2:
+            raise ValueError(f"ModernDecoderConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        require_choice(self, "kv_cache", KV_CACHE_TYPES)
+        require_probability(self, "dropout")
+        require_probability(self, "attention_dropout")
+
+    def decoder_spec(self) -> DecoderSpec:
+        return DecoderSpec(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_hidden_layers,
+            num_heads=self.num_attention_heads,
+            num_kv_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size,
+            max_positions=self.max_position_embeddings,
+            norm="rmsnorm",
+            norm_eps=self.rms_norm_eps,
+            norm_bias=False,
+            mlp="swiglu",
+            mlp_bias=False,
+            attention_bias=False,
+            positions="rope",
+            rope_theta=self.rope_theta,
+            embedding_dropout=self.dropout,
+            residual_dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+        )
+
+
+__all__ = ["ModernDecoderConfig"]

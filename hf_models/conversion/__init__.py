@@ -1,0 +1,12 @@
+"""Weight converters between the zoo's decoders and transformers' own model classes.
+
+Converting both ways, with logits that match to 1e-5, is the proof that the hand-written decoder is
+the architecture it claims to be; exporting to a plain ``GPT2LMHeadModel`` / ``LlamaForCausalLM``
+folder lets any tool that serves those architectures serve what a lesson trained, no remote code.
+"""
+
+from .export import export_for_serving
+from .gpt2 import gpt2_to_gpt, gpt_to_gpt2
+from .llama import llama_to_modern, modern_to_llama
+
+__all__ = ["export_for_serving", "gpt2_to_gpt", "gpt_to_gpt2", "llama_to_modern", "modern_to_llama"]

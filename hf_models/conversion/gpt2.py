@@ -1,0 +1,135 @@
+"""GPT decoder <-> ``transformers.GPT2LMHeadModel``.
+
+Two layout differences, both mechanical:
+
+* GPT-2 stores its projections as ``Conv1D`` modules, whose weight is the transpose of an
+  ``nn.Linear``'s: (in_features, out_features).
+* GPT-2 fuses the query, key and value projections into one ``c_attn`` of width 3C; the zoo keeps
+  them separate (``q_proj``, ``k_proj``, ``v_proj``) so that LoRA can target them one by one.
+
+A zoo GPT built with ``bias=False`` (nanoGPT's choice) converts with zero biases, which computes
+the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from ..configuration_gpt import GPTConfig
+from ..modeling_gpt import GPTForCausalLM
+
+
+def _gpt2_config(config: GPTConfig) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.max_position_embeddings,
+        n_embd=config.hidden_size,
+        n_layer=config.num_hidden_layers,
+        n_head=config.num_attention_heads,
+        n_inner=config.intermediate_size,
+        activation_function=config.hidden_act,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.attention_dropout,
+        layer_norm_epsilon=config.layer_norm_eps,
+        initializer_range=config.initializer_range,
+        tie_word_embeddings=True,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+
+
+@torch.no_grad()
+def gpt_to_gpt2(model: GPTForCausalLM) -> GPT2LMHeadModel:
+    """A ``GPT2LMHeadModel`` computing the same function as ``model``."""
+    config = model.config
+    if not config.tie_word_embeddings:
+        raise ValueError("GPT2LMHeadModel always ties its LM head to wte; this model has tie_word_embeddings=False.")
+    target = GPT2LMHeadModel(_gpt2_config(config)).to(model.dtype).eval()
+    target.config._attn_implementation = model.config._attn_implementation
+    decoder, out = model.model, target.transformer
+
+    def copy(dst: torch.Tensor, src: torch.Tensor | None) -> None:
+        dst.copy_(src) if src is not None else dst.zero_()
+
+    copy(out.wte.weight, decoder.embed_tokens.weight)
+    copy(out.wpe.weight, decoder.embed_positions.weight)
+    for ours, theirs in zip(decoder.layers, out.h):
+        attn = ours.self_attn
+        copy(theirs.ln_1.weight, ours.input_layernorm.weight)
+        copy(theirs.ln_1.bias, ours.input_layernorm.bias)
+        # Conv1D weights are (in, out): transpose, and fuse q|k|v along the output axis.
+        copy(theirs.attn.c_attn.weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).T)
+        copy(theirs.attn.c_attn.bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]) if attn.q_proj.bias is not None else None)
+        copy(theirs.attn.c_proj.weight, attn.o_proj.weight.T)
+        copy(theirs.attn.c_proj.bias, attn.o_proj.bias)
+        copy(theirs.ln_2.weight, ours.post_attention_layernorm.weight)
+        copy(theirs.ln_2.bias, ours.post_attention_layernorm.bias)
+        copy(theirs.mlp.c_fc.weight, ours.mlp.up_proj.weight.T)
+        copy(theirs.mlp.c_fc.bias, ours.mlp.up_proj.bias)
+        copy(theirs.mlp.c_proj.weight, ours.mlp.down_proj.weight.T)
+        copy(theirs.mlp.c_proj.bias, ours.mlp.down_proj.bias)
+    copy(out.ln_f.weight, decoder.norm.weight)
+    copy(out.ln_f.bias, decoder.norm.bias)
+    target.tie_weights()
+    return target
+
+
+@torch.no_grad()
+def gpt2_to_gpt(model: GPT2LMHeadModel) -> GPTForCausalLM:
+    """A zoo ``GPTForCausalLM`` computing the same function as a ``GPT2LMHeadModel``."""
+    c = model.config
+    unsupported = {
+        "scale_attn_by_inverse_layer_idx": c.scale_attn_by_inverse_layer_idx,
+        "reorder_and_upcast_attn": c.reorder_and_upcast_attn,
+        "scale_attn_weights": not c.scale_attn_weights,
+    }
+    if any(unsupported.values()):
+        raise ValueError(f"GPT2 variants the zoo GPT does not implement: {[k for k, v in unsupported.items() if v]}.")
+    config = GPTConfig(
+        vocab_size=c.vocab_size,
+        max_position_embeddings=c.n_positions,
+        hidden_size=c.n_embd,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        intermediate_size=c.n_inner or 4 * c.n_embd,
+        hidden_act=c.activation_function,
+        bias=True,
+        layer_norm_eps=c.layer_norm_epsilon,
+        dropout=c.resid_pdrop,
+        attention_dropout=c.attn_pdrop,
+        initializer_range=c.initializer_range,
+        tie_word_embeddings=True,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id,
+    )
+    target = GPTForCausalLM(config).to(model.dtype).eval()
+    target.config._attn_implementation = model.config._attn_implementation
+    decoder, src = target.model, model.transformer
+    decoder.embed_tokens.weight.copy_(src.wte.weight)
+    decoder.embed_positions.weight.copy_(src.wpe.weight)
+    width = c.n_embd
+    for ours, theirs in zip(decoder.layers, src.h):
+        attn = ours.self_attn
+        ours.input_layernorm.weight.copy_(theirs.ln_1.weight)
+        ours.input_layernorm.bias.copy_(theirs.ln_1.bias)
+        q, k, v = theirs.attn.c_attn.weight.T.split(width)  # (3C, C) -> 3 x (C, C)
+        qb, kb, vb = theirs.attn.c_attn.bias.split(width)
+        for proj, w, b in ((attn.q_proj, q, qb), (attn.k_proj, k, kb), (attn.v_proj, v, vb)):
+            proj.weight.copy_(w)
+            proj.bias.copy_(b)
+        attn.o_proj.weight.copy_(theirs.attn.c_proj.weight.T)
+        attn.o_proj.bias.copy_(theirs.attn.c_proj.bias)
+        ours.post_attention_layernorm.weight.copy_(theirs.ln_2.weight)
+        ours.post_attention_layernorm.bias.copy_(theirs.ln_2.bias)
+        ours.mlp.up_proj.weight.copy_(theirs.mlp.c_fc.weight.T)
+        ours.mlp.up_proj.bias.copy_(theirs.mlp.c_fc.bias)
+        ours.mlp.down_proj.weight.copy_(theirs.mlp.c_proj.weight.T)
+        ours.mlp.down_proj.bias.copy_(theirs.mlp.c_proj.bias)
+    decoder.norm.weight.copy_(src.ln_f.weight)
+    decoder.norm.bias.copy_(src.ln_f.bias)
+    target.tie_weights()
+    return target
