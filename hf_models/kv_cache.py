@@ -29,6 +29,10 @@ returns a *view* of the filled prefix ``buffer[:, :, :length]`` (no copy).
   an error. This is what serving systems do to make memory use predictable, and (with fixed
   shapes) what makes ``torch.compile``/CUDA graphs possible.
 
+The in-place writes make these caches inference-only (run them under ``torch.no_grad()`` or
+``torch.inference_mode()``, as ``generate`` does): autograd refuses a buffer that was overwritten
+after a step saved it for backward. ``DynamicCache`` allocates fresh tensors and has no such limit.
+
 Both return the filled prefix, of length ``past + new``, rather than the whole buffer. So a model
 masks a static cache exactly like a growing one (``get_mask_sizes`` reports ``past + new``):
 attention never touches the unfilled tail, the single-token decode step needs no mask at all, and
@@ -54,11 +58,6 @@ from functools import partial
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-# Our caches report `is_compileable = False`. When `generate` sees a compileable cache it builds a
-# 4-D mask itself (`create_masks_for_generate`, sized for transformers' full-buffer StaticCache) and
-# may try to `torch.compile` the forward; our models build their masks from the 2-D padding mask,
-# and these caches return variable-length prefixes, so neither applies.
-
 
 class KVBufferLayer(CacheLayerMixin):
     """One layer's cache: k/v buffers of shape (B, H_kv, capacity, D), the first ``length`` slots filled.
@@ -67,6 +66,10 @@ class KVBufferLayer(CacheLayerMixin):
     Subclasses decide what happens when a write does not fit (``_ensure_capacity``).
     """
 
+    # When `generate` sees a compileable cache it replaces the 2-D padding mask with a 4-D mask it
+    # builds itself (`create_masks_for_generate`, sized for a full-buffer StaticCache) and may try to
+    # `torch.compile` the forward. Our models build their masks from the 2-D mask, and these layers
+    # return variable-length prefixes, so neither applies: report not compileable.
     is_compileable = False
     is_croppable = True
     is_sliding = False
@@ -101,12 +104,14 @@ class KVBufferLayer(CacheLayerMixin):
             and self.value_buffer.shape[-1] == value_states.shape[-1]
             and self.key_buffer.dtype == key_states.dtype
             and self.key_buffer.device == key_states.device
+            # Buffers made under `torch.inference_mode` cannot be written outside it (and vice versa).
+            and self.key_buffer.is_inference() == torch.is_inference_mode_enabled()
         )
 
     def _set_length(self, length: int) -> None:
         self.length = length
-        self.keys = self.key_buffer[:, :, :length]  # (B, H_kv, capacity, D) -> (B, H_kv, length, D), a view
-        self.values = self.value_buffer[:, :, :length]
+        self.keys = self.key_buffer.narrow(2, 0, length)  # (B, H_kv, capacity, D) -> (B, H_kv, length, D), a view
+        self.values = self.value_buffer.narrow(2, 0, length)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -119,8 +124,8 @@ class KVBufferLayer(CacheLayerMixin):
         end = start + key_states.shape[-2]
         if end > self.key_buffer.shape[-2]:
             self._ensure_capacity(end)
-        self.key_buffer[:, :, start:end] = key_states
-        self.value_buffer[:, :, start:end] = value_states
+        self.key_buffer.narrow(2, start, end - start).copy_(key_states)  # in place, (B, H_kv, T, D) slots
+        self.value_buffer.narrow(2, start, end - start).copy_(value_states)
         self._set_length(end)
         return self.keys, self.values
 

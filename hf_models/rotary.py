@@ -67,8 +67,10 @@ class RotaryEmbedding(nn.Module):
 
     ``inv_freq`` is a non-persistent buffer (not saved, recomputed from the config). transformers
     builds models on the meta device and re-creates non-persistent buffers with ``torch.empty``,
-    so a model's ``_init_weights`` must refill it, e.g.
-    ``init.copy_(module.inv_freq, module.compute_inv_freq())``.
+    so a model's ``_init_weights`` must refill it (``from transformers import initialization as init``)::
+
+        if isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:

@@ -76,7 +76,7 @@ def main() -> None:
 
     # 3. The learning answer: a zero-initialised logits table trained with AdamW by Trainer.
     model = BigramForCausalLM(BigramConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id))
-    trainer, throughput = build_trainer(model, tokenizer, packed, training_args, byte_lengths, data_args.max_eval_blocks)
+    trainer, throughput = build_trainer(model, tokenizer, packed["train"], packed["validation"], training_args, byte_lengths, data_args.max_eval_blocks)
     trainer.train()
 
     # 4. Held-out evaluation on whole splits, and the comparison the lesson is about.

@@ -85,7 +85,7 @@ def main() -> None:
     model = NGramMLPForCausalLM(config)
 
     # 3. Train with Trainer, evaluate whole held-out splits, save, sample.
-    trainer, throughput = build_trainer(model, tokenizer, packed, training_args, byte_lengths, data_args.max_eval_blocks)
+    trainer, throughput = build_trainer(model, tokenizer, packed["train"], packed["validation"], training_args, byte_lengths, data_args.max_eval_blocks)
     trainer.train()
     results = evaluate_splits(model, tokenizer, corpus, byte_lengths, data_args.block_size, data_args.max_eval_tokens)
     results.update(

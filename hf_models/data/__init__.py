@@ -15,6 +15,7 @@ from .corpora import (
     load_corpus,
     play_markdown_to_text,
 )
+from .windows import RandomWindows
 from .packing import (
     GROUP_BATCH_SIZE,
     pack_for_causal_lm,
@@ -25,6 +26,7 @@ from .packing import (
 )
 
 __all__ = [
+    "RandomWindows",
     "CORPORA",
     "GROUP_BATCH_SIZE",
     "SHAKESPEARE_TEST_PLAYS",

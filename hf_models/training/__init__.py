@@ -11,6 +11,7 @@ from .lesson import (
     evaluate_splits,
     finish_lesson,
     load_lesson_corpus,
+    prepare_lesson_data,
     parse_lesson_args,
     sample_with_pipeline,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "evaluate_splits",
     "finish_lesson",
     "load_lesson_corpus",
+    "prepare_lesson_data",
     "parse_lesson_args",
     "sample_with_pipeline",
     "save_folder_atomically",

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from huggingface_hub import HfApi
 from transformers import (
     AutoTokenizer,
@@ -29,9 +29,9 @@ from transformers import (
 )
 
 from ..causal_lm import check_tokenizer_matches_model
-from ..data import load_corpus, split_token_ids
+from ..data import RandomWindows, load_corpus, pack_for_causal_lm, split_token_ids
 from ..evaluation import evaluate_token_stream, trainer_metric_functions
-from ..tokenization import ByteLevelBPE
+from ..tokenization import ByteLevelBPE, build_char_tokenizer, token_byte_lengths
 from .arguments import DataArguments, LessonArguments
 from .checkpoint import save_folder_atomically, write_json_atomically
 from .model_card import build_model_card
@@ -43,7 +43,10 @@ CACHE_DIR = Path(os.environ.get("HF_MODELS_CACHE", Path.home() / ".cache" / "hf_
 def parse_lesson_args(model_arguments_type: type, defaults: dict, args: list[str] | None = None):
     """Parse ``(model args, DataArguments, LessonArguments, TrainingArguments)`` with the recipe's defaults."""
     parser = HfArgumentParser((model_arguments_type, DataArguments, LessonArguments, TrainingArguments))
-    parser.set_defaults(report_to="none", save_strategy="no", eval_strategy="steps", logging_first_step=True, **defaults)
+    parser.set_defaults(
+        report_to="none", save_strategy="no", eval_strategy="steps", logging_first_step=True,
+        dataloader_pin_memory=torch.cuda.is_available(), **defaults,
+    )
     model_args, data_args, lesson_args, training_args = parser.parse_args_into_dataclasses(args=args)
     lesson_args.push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     set_seed(training_args.seed)
@@ -77,17 +80,67 @@ def bpe_tokenizer_for(train_texts: list[str], vocab_size: int, retrain: bool = F
     return tokenizer, seconds
 
 
+@dataclass
+class LessonData:
+    """What a decoder lesson trains and evaluates on."""
+
+    corpus: DatasetDict
+    tokenizer: PreTrainedTokenizerFast
+    tokenizer_description: str
+    train_dataset: Dataset | RandomWindows
+    eval_dataset: Dataset
+    byte_lengths: torch.LongTensor
+
+
+def prepare_lesson_data(
+    data_args: DataArguments, training_args: TrainingArguments, tokenizer_kind: str, vocab_size: int, sampling: str
+) -> LessonData:
+    """Corpus -> tokenizer -> training examples, for the decoder lessons.
+
+    Args:
+        tokenizer_kind: "char", "bpe" (the hand-written BPE of lesson 2), or "auto": characters for
+            ``--dataset text`` (nanoGPT's shakespeare_char set-up), BPE otherwise.
+        sampling: "blocks" (packed, fixed boundaries) or "random_windows" (nanoGPT's sampling, with
+            ``training_args.max_steps`` x the global batch windows).
+    """
+    corpus = load_lesson_corpus(data_args)
+    if tokenizer_kind == "auto":
+        tokenizer_kind = "char" if data_args.dataset == "text" else "bpe"
+    if tokenizer_kind == "char":
+        tokenizer = build_char_tokenizer("".join(corpus["train"]["text"]))
+        description = f"character level, {len(tokenizer)} tokens"
+    elif tokenizer_kind == "bpe":
+        tokenizer, _ = bpe_tokenizer_for(list(corpus["train"]["text"]), vocab_size)
+        description = f"byte-level BPE, {len(tokenizer)} tokens (hf_models.tokenization.bpe)"
+    else:
+        raise ValueError(f"tokenizer must be one of ['auto', 'char', 'bpe'], got {tokenizer_kind!r}.")
+    packed = pack_for_causal_lm(corpus, tokenizer, data_args.block_size)  # rows of block_size ids
+    if sampling == "random_windows":
+        global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+        train = RandomWindows(split_token_ids(corpus["train"], tokenizer), data_args.block_size, training_args.max_steps * global_batch, training_args.seed)
+    elif sampling == "blocks":
+        train = packed["train"]
+    else:
+        raise ValueError(f"sampling must be one of ['blocks', 'random_windows'], got {sampling!r}.")
+    return LessonData(corpus, tokenizer, description, train, packed["validation"], token_byte_lengths(tokenizer))
+
+
 def build_trainer(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerFast,
-    packed: DatasetDict,
+    train_dataset: Dataset,
+    eval_dataset: Dataset,
     training_args: TrainingArguments,
     byte_lengths: torch.LongTensor,
     max_eval_blocks: int = 64,
 ) -> tuple[Trainer, ThroughputCallback]:
-    """A ``Trainer`` whose evaluation reports bits per byte, plus a callback that times the steps."""
+    """A ``Trainer`` whose evaluation reports bits per byte, plus a callback that times the steps.
+
+    ``train_dataset`` holds packed blocks (``pack_for_causal_lm``) or random windows
+    (``RandomWindows``); the periodic evaluation uses the first ``max_eval_blocks`` of ``eval_dataset``.
+    """
     check_tokenizer_matches_model(tokenizer, model)
-    block_size = len(packed["train"][0]["input_ids"])
+    block_size = len(train_dataset[0]["input_ids"])
     tokens_per_step = (
         block_size
         * training_args.per_device_train_batch_size
@@ -96,12 +149,11 @@ def build_trainer(
     )
     throughput = ThroughputCallback(tokens_per_step)
     preprocess_logits_for_metrics, compute_metrics = trainer_metric_functions(byte_lengths)
-    validation = packed["validation"]
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=packed["train"],
-        eval_dataset=validation.select(range(min(max_eval_blocks, len(validation)))),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset.select(range(min(max_eval_blocks, len(eval_dataset)))),
         processing_class=tokenizer,
         data_collator=default_data_collator,
         compute_metrics=compute_metrics,
@@ -131,10 +183,14 @@ def evaluate_splits(
 
 
 def sample_with_pipeline(folder: str | os.PathLike, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
-    """Read the saved folder back through ``pipeline("text-generation")`` and sample from it."""
+    """Read the saved folder back through ``pipeline("text-generation")`` and sample from it.
+
+    The sample stops at the model's context (``max_position_embeddings``), prompt included.
+    """
     set_seed(seed)
     generator = pipeline("text-generation", model=str(folder), device="cpu")
-    out = generator(prompt, max_new_tokens=max_new_tokens, do_sample=True, top_k=50, temperature=0.8)
+    room = generator.model.config.max_position_embeddings - len(generator.tokenizer(prompt)["input_ids"])
+    out = generator(prompt, max_new_tokens=max(1, min(max_new_tokens, room)), do_sample=True, top_k=50, temperature=0.8)
     return out[0]["generated_text"]
 
 
@@ -173,6 +229,7 @@ def finish_lesson(
 
     save_folder_atomically(folder, write)
     results = dict(results, model_folder=str(folder), data=asdict(data_args))
+    write_json_atomically(output_dir / "results.json", results)
     results["sample"] = sample_with_pipeline(folder, lesson_args.sample_prompt, lesson_args.sample_tokens, training_args.seed)
     write_json_atomically(output_dir / "results.json", results)
     if lesson_args.card_copy:

@@ -1,0 +1,209 @@
+"""The zoo's GPT against karpathy/nanoGPT at nanoGPT's CPU configuration, side by side in one run.
+
+nanoGPT's README trains a tiny character-level GPT on tiny-shakespeare on a CPU (4 layers, 4 heads,
+width 128, context 64, batch 12, 2000 iterations, lr 1e-3 with cosine decay to 1e-4, dropout 0, no
+biases) and reaches a validation loss of about 1.88. This script answers two questions:
+
+1. Is an HF-native model as fast? ``step`` mode times one training step (forward, backward,
+   clipping, AdamW) of nanoGPT's ``GPT`` and of ``hf_models.GPTForCausalLM`` at that size,
+   interleaved in rounds so machine noise hits both alike, and prints the median tokens/s of each.
+2. Does the whole recipe match, end to end? ``train`` mode runs nanoGPT's own ``train.py`` and the
+   zoo's ``recipes/04_gpt.py`` with the same settings one after the other, and compares their
+   training-loop throughput and the final models' loss on the WHOLE validation split in
+   non-overlapping 64-character windows (the zoo's ``evaluate_token_stream``; nanoGPT's own
+   ``estimate_loss`` samples 20 random batches instead).
+
+nanoGPT is not part of this project: pass a checkout (or the bare git directory a mirror gives)
+with ``--nanogpt_dir``. Its files are exported into a temporary folder; nothing of it is kept.
+
+    python benchmarks/gpt_vs_nanogpt.py --nanogpt_dir /path/to/nanoGPT --mode step
+    python benchmarks/gpt_vs_nanogpt.py --nanogpt_dir /path/to/nanoGPT --mode train
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "tinyshakespeare" / "input.txt"
+CPU_CONFIG = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup=100)
+
+
+def export_nanogpt(source: Path, into: Path) -> Path:
+    """Copy nanoGPT's files into ``into`` (from a checkout, or from a bare git dir via ``git archive``)."""
+    into.mkdir(parents=True, exist_ok=True)
+    if (source / "model.py").exists():
+        subprocess.run(["cp", "-r", f"{source}/.", str(into)], check=True)
+    else:
+        archive = subprocess.run(["git", f"--git-dir={source}", "archive", "HEAD"], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def import_nanogpt_model(folder: Path):
+    spec = importlib.util.spec_from_file_location("nanogpt_model", folder / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def char_data(path: Path) -> tuple[torch.Tensor, torch.Tensor, int]:
+    text = path.read_text()
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    cut = int(0.9 * len(ids))
+    return ids[:cut], ids[cut:], len(chars)
+
+
+# --- 1. one training step, interleaved ------------------------------------------------------------
+
+
+def step_benchmark(nanogpt, train_ids: torch.Tensor, vocab: int, rounds: int, steps: int) -> dict:
+    from hf_models import GPTConfig, GPTForCausalLM
+
+    c = CPU_CONFIG
+    torch.manual_seed(0)
+    theirs = nanogpt.GPT(nanogpt.GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"], vocab_size=vocab, dropout=0.0, bias=False))
+    ours = GPTForCausalLM(GPTConfig(vocab_size=vocab, max_position_embeddings=c["block_size"], hidden_size=c["n_embd"], num_hidden_layers=c["n_layer"], num_attention_heads=c["n_head"], bias=False, hidden_act="gelu"))
+    ours.config._attn_implementation = "sdpa"
+
+    def adamw(model):  # nanoGPT's groups: decay matrices and embeddings, not norms or biases
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1}, {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=c["lr"], betas=(0.9, 0.99))
+
+    generator = torch.Generator().manual_seed(0)
+
+    def batch():
+        starts = torch.randint(len(train_ids) - c["block_size"] - 1, (c["batch_size"],), generator=generator)
+        x = torch.stack([train_ids[s : s + c["block_size"]] for s in starts])
+        y = torch.stack([train_ids[s + 1 : s + 1 + c["block_size"]] for s in starts])
+        return x, y
+
+    runners = {
+        "nanoGPT GPT": (theirs, adamw(theirs), lambda m, x, y: m(x, y)[1]),
+        "hf_models GPTForCausalLM": (ours, adamw(ours), lambda m, x, y: m(input_ids=x, labels=x, shift_labels=y).loss),
+    }
+    timings = {name: [] for name in runners}
+    for round_index in range(rounds + 1):
+        for name, (model, optimizer, loss_of) in runners.items():
+            model.train()
+            start = time.perf_counter()
+            for _ in range(steps):
+                x, y = batch()
+                loss = loss_of(model, x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if round_index > 0:  # round 0 warms both up
+                timings[name].append(steps * c["batch_size"] * c["block_size"] / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+# --- 2. the two training scripts end to end -------------------------------------------------------
+
+
+def run_nanogpt_training(folder: Path, data_file: Path, nanogpt) -> dict:
+    data_dir = folder / "data" / "shakespeare_char"
+    (data_dir / "input.txt").write_text(data_file.read_text())
+    subprocess.run([sys.executable, "prepare.py"], cwd=data_dir, check=True, capture_output=True)
+    c = CPU_CONFIG
+    command = [
+        sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+        "--eval_iters=20", "--log_interval=1", f"--block_size={c['block_size']}", f"--batch_size={c['batch_size']}",
+        f"--n_layer={c['n_layer']}", f"--n_head={c['n_head']}", f"--n_embd={c['n_embd']}", f"--max_iters={c['max_iters']}",
+        f"--lr_decay_iters={c['max_iters']}", "--dropout=0.0", "--out_dir=out",
+    ]
+    log = subprocess.run(command, cwd=folder, check=True, capture_output=True, text=True).stdout
+    # Iteration times, leaving out the first iterations and those that paid for an evaluation.
+    times = [float(t) for it, t in re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", log) if int(it) > 5 and int(it) % 250 != 0]
+    tokens_per_second = c["batch_size"] * c["block_size"] / (statistics.mean(times) / 1000)
+    checkpoint = torch.load(folder / "out" / "ckpt.pt", map_location="cpu", weights_only=False)  # nanoGPT's own format
+    model = nanogpt.GPT(nanogpt.GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()})
+    return {"train_tokens_per_second": tokens_per_second, "model": model, "checkpoint_iter": checkpoint["iter_num"]}
+
+
+class LogitsOf(torch.nn.Module):
+    """Gives nanoGPT's model the ``model(input_ids=...).logits`` interface our evaluator uses."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, use_cache=False):
+        logits, _ = self.model(input_ids, input_ids)  # with targets, nanoGPT returns logits at every position
+        return type("Output", (), {"logits": logits})
+
+
+def run_zoo_training(data_file: Path, output_dir: Path) -> dict:
+    c = CPU_CONFIG
+    command = [
+        sys.executable, str(REPO / "recipes" / "04_gpt.py"), "--dataset", "text", "--data_files", str(data_file),
+        "--num_hidden_layers", str(c["n_layer"]), "--num_attention_heads", str(c["n_head"]), "--hidden_size", str(c["n_embd"]),
+        "--block_size", str(c["block_size"]), "--per_device_train_batch_size", str(c["batch_size"]),
+        "--max_steps", str(c["max_iters"]), "--learning_rate", str(c["lr"]), "--warmup_steps", str(c["warmup"]),
+        "--eval_steps", "250", "--logging_steps", "1", "--output_dir", str(output_dir), "--card_copy", "", "--disable_tqdm", "true",
+    ]
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nanogpt_dir", type=Path, required=True, help="a nanoGPT checkout or bare git directory")
+    parser.add_argument("--data_file", type=Path, default=DEFAULT_DATA, help="tiny-shakespeare input.txt")
+    parser.add_argument("--mode", choices=["step", "train", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the step benchmark")
+    parser.add_argument("--steps", type=int, default=50, help="steps per model per round")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "gpt_vs_nanogpt.json")
+    args = parser.parse_args()
+
+    from hf_models.evaluation import evaluate_token_stream
+
+    train_ids, val_ids, vocab = char_data(args.data_file)
+    report: dict = {"config": CPU_CONFIG, "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_nanogpt(args.nanogpt_dir, Path(tmp) / "nanogpt")
+        nanogpt = import_nanogpt_model(folder)
+        if args.mode in ("step", "both"):
+            step = step_benchmark(nanogpt, train_ids, vocab, args.rounds, args.steps)
+            report["step_tokens_per_second"] = step
+            print("\nTraining step (forward + backward + clip + AdamW), median tokens/s, interleaved:")
+            for name, value in step.items():
+                print(f"  {name:28s} {value:10,.0f}")
+            print(f"  ratio hf_models / nanoGPT      {step['hf_models GPTForCausalLM'] / step['nanoGPT GPT']:10.3f}")
+        if args.mode in ("train", "both"):
+            theirs = run_nanogpt_training(folder, args.data_file, nanogpt)
+            bytes_per_char = torch.ones(vocab, dtype=torch.long)  # tiny-shakespeare is ASCII
+            their_eval = evaluate_token_stream(LogitsOf(theirs.pop("model")), val_ids, bytes_per_char, CPU_CONFIG["block_size"])
+            ours = run_zoo_training(args.data_file, Path(tmp) / "zoo")
+            report["train"] = {
+                "nanoGPT train.py": {"train_tokens_per_second": theirs["train_tokens_per_second"], "validation_loss": their_eval["loss"], "checkpoint_iter": theirs["checkpoint_iter"]},
+                "hf_models recipes/04_gpt.py": {"train_tokens_per_second": ours["train_tokens_per_second"], "validation_loss": ours["validation"]["loss"]},
+            }
+            print("\nEnd to end, 2000 iterations, whole validation split in non-overlapping 64-char windows:")
+            for name, r in report["train"].items():
+                print(f"  {name:28s} {r['train_tokens_per_second']:10,.0f} tokens/s   val loss {r['validation_loss']:.4f}")
+            ratio = ours["train_tokens_per_second"] / theirs["train_tokens_per_second"]
+            print(f"  throughput ratio hf_models / nanoGPT: {ratio:.3f}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(f"\nsaved {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Every recipe runs end to end (tiny settings) and leaves what a Hub user needs in its folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_models.data import load_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_TRAINING = ["--max_steps", "4", "--eval_steps", "2", "--logging_steps", "2", "--per_device_train_batch_size", "2",
+                 "--max_eval_tokens", "1500", "--sample_tokens", "8", "--disable_tqdm", "true"]
+RECIPES = {
+    "01_bigram": [],
+    "02_ngram_mlp": ["--vocab_size", "300", "--hidden_size", "32", "--embedding_dim", "8", "--block_size", "32"],
+    "03_gru": ["--vocab_size", "300", "--hidden_size", "32", "--block_size", "32"],
+    "04_gpt": ["--tokenizer", "bpe", "--vocab_size", "300", "--hidden_size", "32", "--num_hidden_layers", "2", "--block_size", "32"],
+    "05_modern_gpt": ["--tokenizer", "bpe", "--vocab_size", "300", "--hidden_size", "32", "--num_hidden_layers", "2", "--block_size", "32"],
+}
+
+
+@pytest.fixture(scope="module")
+def small_text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text(load_corpus("shakespeare")["validation"][0]["text"][:40_000])
+    return path
+
+
+def run_recipe(name: str, extra: list[str], small_text_file: Path, tmp_path: Path, launcher: list[str] | None = None):
+    output_dir, card = tmp_path / "run", tmp_path / "card.md"
+    command = (launcher or [sys.executable]) + [
+        str(REPO / "recipes" / f"{name}.py"), "--dataset", "text", "--data_files", str(small_text_file),
+        "--output_dir", str(output_dir), "--model_name", "tiny", "--card_copy", str(card), *TINY_TRAINING, *extra,
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODELS_CACHE=str(tmp_path / "cache"), TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return output_dir, card, result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_runs_and_saves_a_complete_folder(name, small_text_file, tmp_path):
+    output_dir, card, stdout = run_recipe(name, RECIPES[name], small_text_file, tmp_path)
+
+    results = json.loads((output_dir / "results.json").read_text())
+    validation = results["validation"]
+    assert {"loss", "perplexity", "bits_per_byte", "tokens", "bytes"} <= set(validation)
+    assert 0 < validation["bits_per_byte"] < 16 and validation["tokens"] > 100
+    assert results["train_tokens_per_second"] > 0
+    assert isinstance(results["sample"], str) and len(results["sample"]) > 0
+    assert "bits per byte" in stdout and "saved to" in stdout
+
+    folder = output_dir / "tiny"
+    files = {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= files
+    assert any(f.startswith("modeling_") for f in files) and any(f.startswith("configuration_") for f in files)
+    assert "auto_map" in json.loads((folder / "config.json").read_text())
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
+
+    # The model card: YAML metadata with the measured numbers, and the copy the recipe writes.
+    text = (folder / "README.md").read_text()
+    metadata = yaml.safe_load(text.split("---")[1])
+    assert metadata["library_name"] == "transformers" and "hf_models" in metadata["tags"]
+    metrics = {m["type"]: m["value"] for r in metadata["model-index"][0]["results"] for m in r["metrics"]}
+    assert metrics["bits_per_byte"] == pytest.approx(validation["bits_per_byte"], rel=1e-5)
+    assert "## Intended use" in text and "## Limitations" in text and "## Training" in text
+    assert card.read_text() == text
+
+    if name in ("04_gpt", "05_modern_gpt"):
+        export = json.loads((output_dir / f"tiny-{'gpt2' if name == '04_gpt' else 'llama'}" / "config.json").read_text())
+        assert export["model_type"] == ("gpt2" if name == "04_gpt" else "llama") and "auto_map" not in export
+
+
+def test_recipe_runs_under_accelerate_launch(small_text_file, tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate's launcher is installed with the package"
+    launcher = [accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    output_dir, _, _ = run_recipe("01_bigram", [], small_text_file, tmp_path, launcher)
+    assert json.loads((output_dir / "results.json").read_text())["validation"]["loss"] > 0
+
+
+def test_recipes_print_help():
+    for name in RECIPES:
+        result = subprocess.run([sys.executable, str(REPO / "recipes" / f"{name}.py"), "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "--dataset" in result.stdout and "--push_to_hub" in result.stdout
