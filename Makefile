@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-DEMO_RECIPE ?= recipes/03_gru.py
+DEMO_RECIPE ?= recipes/05_modern_gpt.py
 PYTEST_ARGS ?= -n 2 --durations=15
 
 BIN := $(VENV)/bin

@@ -48,6 +48,22 @@ class BigramForCausalLM(BigramPreTrainedModel, GenerationMixin):
         self.logits_table = nn.Embedding(config.vocab_size, config.vocab_size)
         self.post_init()
 
+    @classmethod
+    def from_counts(cls, token_ids: torch.LongTensor, config: BigramConfig, smoothing: float = 1.0) -> "BigramForCausalLM":
+        """The counting answer as a model: ``log((count(a, b) + k) / (count(a) + k * V))`` in the table.
+
+        Add-k smoothing gives pairs never seen in ``token_ids`` a small probability instead of zero
+        (a zero would make any held-out text containing them infinitely unlikely).
+        """
+        vocab_size = config.vocab_size
+        pairs = token_ids[:-1] * vocab_size + token_ids[1:]  # each (a, b) as one index a * V + b
+        counts = torch.bincount(pairs, minlength=vocab_size * vocab_size).view(vocab_size, vocab_size).double()
+        probs = (counts + smoothing) / (counts.sum(dim=1, keepdim=True) + smoothing * vocab_size)  # rows sum to 1
+        model = cls(config)
+        with torch.no_grad():
+            model.logits_table.weight.copy_(probs.log())
+        return model
+
     def get_input_embeddings(self) -> nn.Module:
         return self.logits_table
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from hf_models import BigramConfig, BigramForCausalLM
 from hf_models.data import pack_for_causal_lm, split_token_ids
 from hf_models.tokenization import build_char_tokenizer, token_byte_lengths
@@ -34,14 +32,6 @@ from hf_models.training import build_trainer, evaluate_splits, finish_lesson, lo
 @dataclass
 class BigramArguments:
     smoothing: float = field(default=1.0, metadata={"help": "Add-k smoothing of the counted bigram table."})
-
-
-def counted_bigram_loss(train_ids: torch.Tensor, held_out_ids: torch.Tensor, vocab_size: int, k: float) -> float:
-    """Held-out cross-entropy (nats) of the add-k smoothed count model, in closed form."""
-    pairs = train_ids[:-1] * vocab_size + train_ids[1:]  # each (a, b) pair as one index a*V + b
-    counts = torch.bincount(pairs, minlength=vocab_size * vocab_size).view(vocab_size, vocab_size).double()
-    probs = (counts + k) / (counts.sum(dim=1, keepdim=True) + k * vocab_size)  # (V, V), rows sum to 1
-    return -probs[held_out_ids[:-1], held_out_ids[1:]].log().mean().item()
 
 
 def main() -> None:
@@ -69,18 +59,18 @@ def main() -> None:
     packed = pack_for_causal_lm(corpus, tokenizer, data_args.block_size)  # rows of block_size ids
     byte_lengths = token_byte_lengths(tokenizer)
 
-    # 2. The counting answer, in closed form.
-    train_ids = split_token_ids(corpus["train"], tokenizer)
-    validation_ids = split_token_ids(corpus["validation"], tokenizer)
-    counted = counted_bigram_loss(train_ids, validation_ids, len(tokenizer), args.smoothing)
+    # 2. The counting answer, in closed form: add-k smoothed pair counts of the training text.
+    config = BigramConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    counted_model = BigramForCausalLM.from_counts(split_token_ids(corpus["train"], tokenizer), config, args.smoothing)
 
     # 3. The learning answer: a zero-initialised logits table trained with AdamW by Trainer.
-    model = BigramForCausalLM(BigramConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id))
+    model = BigramForCausalLM(config)
     trainer, throughput = build_trainer(model, tokenizer, packed["train"], packed["validation"], training_args, byte_lengths, data_args.max_eval_blocks)
     trainer.train()
 
     # 4. Held-out evaluation on whole splits, and the comparison the lesson is about.
     results = evaluate_splits(model, tokenizer, corpus, byte_lengths, data_args.block_size, data_args.max_eval_tokens)
+    counted = evaluate_splits(counted_model, tokenizer, corpus, byte_lengths, data_args.block_size, data_args.max_eval_tokens, ("validation",))["validation"]["loss"]
     learned = results["validation"]["loss"]
     print(f"\nvalidation loss, counted (add-{args.smoothing:g} smoothing): {counted:.4f} nats")
     print(f"validation loss, learned by gradient descent:          {learned:.4f} nats")
