@@ -36,6 +36,21 @@ class ZooPreTrainedModel(PreTrainedModel):
         # Returning False stops ``generate()`` from pre-building a transformers ``DynamicCache``.
         return False
 
+    def start_forward(self, input_ids: torch.LongTensor, past_key_values, use_cache: bool | None, new_cache):
+        """The preamble every zoo ``forward`` shares; returns ``(use_cache, past_key_values)``.
+
+        ``use_cache`` defaults to ``config.use_cache`` outside training: a training step never reads a
+        cache, so building one would be wasted work on the hot path. Inputs are checked against the
+        vocabulary and the context (cached tokens included), and when a cache is wanted and none was
+        passed, the model's own is created with ``new_cache()``.
+        """
+        use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self.check_input_ids(input_ids, past_length)
+        if use_cache and past_key_values is None:
+            past_key_values = new_cache()
+        return use_cache, (past_key_values if use_cache else None)
+
     def check_input_ids(self, input_ids: torch.LongTensor, past_length: int = 0) -> None:
         """Fail with a clear message on ids outside the vocabulary or a sequence past the context."""
         if input_ids.dim() != 2:

@@ -224,21 +224,16 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        # In training nothing reads the cache, so none is built unless asked for.
-        use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        self.check_input_ids(input_ids, past_length)
-        if use_cache and past_key_values is None:
-            past_key_values = self.new_cache()
+        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, self.new_cache)
         attn_implementation = self.config._attn_implementation or "sdpa"
         if attn_implementation not in ATTENTION_FUNCTIONS:
             raise ValueError(
                 f"attn_implementation must be one of {sorted(ATTENTION_FUNCTIONS)} for {type(self).__name__}, "
                 f"got {attn_implementation!r}."
             )
-        hidden_states = self.model(input_ids, attention_mask, position_ids, past_key_values if use_cache else None, attn_implementation)
+        hidden_states = self.model(input_ids, attention_mask, position_ids, past_key_values, attn_implementation)
         logits = self.lm_head(keep_last_positions(hidden_states, logits_to_keep))  # (B, T, C) -> (B, T, V)
-        return self.causal_lm_output(logits, labels, past_key_values if use_cache else None, **kwargs)
+        return self.causal_lm_output(logits, labels, past_key_values, **kwargs)
 
 
 __all__ = ["Decoder", "DecoderForCausalLM", "DecoderLayer", "DecoderPreTrainedModel", "DecoderSpec"]

@@ -80,16 +80,12 @@ class BigramForCausalLM(BigramPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        self.check_input_ids(input_ids, past_length)
-        if use_cache and past_key_values is None:
-            past_key_values = RecurrentStateCache(num_layers=0)
+        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, lambda: RecurrentStateCache(num_layers=0))
 
         logits = self.logits_table(keep_last_positions(input_ids, logits_to_keep))  # (B, T) -> (B, T, V)
         if past_key_values is not None:
             past_key_values.advance(input_ids.shape[1])
-        return self.causal_lm_output(logits, labels, past_key_values if use_cache else None, **kwargs)
+        return self.causal_lm_output(logits, labels, past_key_values, **kwargs)
 
 
 __all__ = ["BigramForCausalLM", "BigramPreTrainedModel"]

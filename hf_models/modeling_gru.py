@@ -64,11 +64,7 @@ class GRULMForCausalLM(GRULMPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        self.check_input_ids(input_ids, past_length)
-        if use_cache and past_key_values is None:
-            past_key_values = RecurrentStateCache(num_layers=self.config.num_hidden_layers)
+        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, lambda: RecurrentStateCache(num_layers=self.config.num_hidden_layers))
 
         batch_size, seq_len = input_ids.shape
         mask = None
@@ -88,7 +84,7 @@ class GRULMForCausalLM(GRULMPreTrainedModel, GenerationMixin):
             past_key_values.advance(seq_len)
 
         logits = self.lm_head(keep_last_positions(x, logits_to_keep))  # (B, T, V)
-        return self.causal_lm_output(logits, labels, past_key_values if use_cache else None, **kwargs)
+        return self.causal_lm_output(logits, labels, past_key_values, **kwargs)
 
 
 __all__ = ["GRULMForCausalLM", "GRULMPreTrainedModel"]

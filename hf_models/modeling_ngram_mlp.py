@@ -71,11 +71,7 @@ class NGramMLPForCausalLM(NGramMLPPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        self.check_input_ids(input_ids, past_length)
-        if use_cache and past_key_values is None:
-            past_key_values = RecurrentStateCache(num_layers=1)
+        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, lambda: RecurrentStateCache(num_layers=1))
 
         if attention_mask is not None:
             # Padding (left padding in batched generation) is treated as "before the start of the text".
@@ -92,7 +88,7 @@ class NGramMLPForCausalLM(NGramMLPPreTrainedModel, GenerationMixin):
         logits = self.lm_head(self.dropout(torch.tanh(self.hidden(features))))  # (B, T, V)
         if self.direct is not None:
             logits = logits + self.direct(features)
-        return self.causal_lm_output(logits, labels, past_key_values if use_cache else None, **kwargs)
+        return self.causal_lm_output(logits, labels, past_key_values, **kwargs)
 
 
 __all__ = ["NGramMLPForCausalLM", "NGramMLPPreTrainedModel"]

@@ -24,9 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hf_models import BigramConfig, BigramForCausalLM
-from hf_models.data import pack_for_causal_lm, split_token_ids
-from hf_models.tokenization import build_char_tokenizer, token_byte_lengths
-from hf_models.training import build_trainer, evaluate_splits, finish_lesson, load_lesson_corpus, parse_lesson_args
+from hf_models.data import split_token_ids
+from hf_models.training import evaluate_splits, finish_lesson, parse_lesson_args, prepare_lesson_data, train_and_evaluate
 
 
 @dataclass
@@ -54,56 +53,42 @@ def main() -> None:
     )
 
     # 1. Data: the corpus, a character tokenizer built from the training text, packed blocks.
-    corpus = load_lesson_corpus(data_args)
-    tokenizer = build_char_tokenizer("".join(corpus["train"]["text"]))
-    packed = pack_for_causal_lm(corpus, tokenizer, data_args.block_size)  # rows of block_size ids
-    byte_lengths = token_byte_lengths(tokenizer)
+    data = prepare_lesson_data(data_args, training_args, tokenizer_kind="char")
 
     # 2. The counting answer, in closed form: add-k smoothed pair counts of the training text.
-    config = BigramConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
-    counted_model = BigramForCausalLM.from_counts(split_token_ids(corpus["train"], tokenizer), config, args.smoothing)
+    config = BigramConfig(vocab_size=len(data.tokenizer), eos_token_id=data.tokenizer.eos_token_id)
+    train_ids = split_token_ids(data.corpus["train"], data.tokenizer)
+    counted_model = BigramForCausalLM.from_counts(train_ids, config, args.smoothing)
 
     # 3. The learning answer: a zero-initialised logits table trained with AdamW by Trainer.
     model = BigramForCausalLM(config)
-    trainer, throughput = build_trainer(model, tokenizer, packed["train"], packed["validation"], training_args, byte_lengths, data_args.max_eval_blocks)
-    trainer.train()
+    trainer, results = train_and_evaluate(model, data, training_args, data_args)
 
-    # 4. Held-out evaluation on whole splits, and the comparison the lesson is about.
-    results = evaluate_splits(model, tokenizer, corpus, byte_lengths, data_args.block_size, data_args.max_eval_tokens)
-    counted = evaluate_splits(counted_model, tokenizer, corpus, byte_lengths, data_args.block_size, data_args.max_eval_tokens, ("validation",))["validation"]["loss"]
+    # 4. The comparison the lesson is about, both measured on the whole validation split.
+    counted = evaluate_splits(
+        counted_model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size, data_args.max_eval_tokens, ("validation",)
+    )["validation"]["loss"]
     learned = results["validation"]["loss"]
     print(f"\nvalidation loss, counted (add-{args.smoothing:g} smoothing): {counted:.4f} nats")
     print(f"validation loss, learned by gradient descent:          {learned:.4f} nats")
     print(f"difference: {abs(learned - counted):.4f} nats")
+    results.update(counted_validation_loss=counted, learned_minus_counted=learned - counted)
 
     # 5. Save, write the model card, read a sample back through pipeline().
-    results.update(
-        counted_validation_loss=counted,
-        learned_minus_counted=learned - counted,
-        train_tokens_per_second=throughput.tokens_per_second,
-        train_steps=trainer.state.global_step,
-    )
     finish_lesson(
-        model, tokenizer, training_args, lesson_args, data_args, results,
+        model, data.tokenizer, training_args, lesson_args, data_args, results,
         card=dict(
             lesson="1 (bigram)",
             recipe="recipes/01_bigram.py",
             summary="A character-level bigram language model: a table of next-character logits, trained by gradient "
             "descent until it matches the add-one-smoothed counting solution.",
-            tokenizer=f"character level, {len(tokenizer)} tokens",
-            training={
-                "steps": trainer.state.global_step,
-                "batch": f"{training_args.per_device_train_batch_size} x {data_args.block_size} characters",
-                "optimizer": f"AdamW, lr {training_args.learning_rate}, {training_args.lr_scheduler_type} schedule",
-                "training throughput": f"{throughput.tokens_per_second:,.0f} tokens/s",
-            },
+            tokenizer=data.tokenizer_description,
             extra={"closed-form add-one validation loss": f"{counted:.4f} nats", "learned minus counted": f"{learned - counted:+.4f} nats"},
             limitations="A bigram model sees one character of context: it learns spelling statistics, not words. "
             "Its samples look like Shakespeare's letter frequencies and nothing more.",
             tags=["bigram", "character-level"],
         ),
     )
-
 
 if __name__ == "__main__":
     main()

@@ -24,16 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hf_models import NGramMLPConfig, NGramMLPForCausalLM
-from hf_models.data import pack_for_causal_lm
-from hf_models.tokenization import token_byte_lengths
-from hf_models.training import (
-    bpe_tokenizer_for,
-    build_trainer,
-    evaluate_splits,
-    finish_lesson,
-    load_lesson_corpus,
-    parse_lesson_args,
-)
+from hf_models.training import finish_lesson, parse_lesson_args, prepare_lesson_data, train_and_evaluate
 
 
 @dataclass
@@ -65,56 +56,38 @@ def main() -> None:
         ),
     )
 
-    # 1. Data, and the hand-written BPE trained on the training split only.
-    corpus = load_lesson_corpus(data_args)
-    tokenizer, bpe_seconds = bpe_tokenizer_for(list(corpus["train"]["text"]), args.vocab_size, retrain=True)
-    print(f"hand-written BPE: {len(tokenizer)} tokens trained in {bpe_seconds:.1f} s")
-    packed = pack_for_causal_lm(corpus, tokenizer, data_args.block_size)  # rows of block_size token ids
-    byte_lengths = token_byte_lengths(tokenizer)
+    # 1. Data, and the hand-written BPE trained on the training split only (timed: it is half the lesson).
+    data = prepare_lesson_data(data_args, training_args, "bpe", args.vocab_size, retrain_tokenizer=True)
+    print(f"hand-written BPE: {len(data.tokenizer)} tokens trained in {data.tokenizer_seconds:.1f} s")
 
     # 2. The model: embed the last n-1 tokens, concatenate, one tanh layer, logits.
     config = NGramMLPConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(data.tokenizer),
         context_size=args.context_size,
         embedding_dim=args.embedding_dim,
         hidden_size=args.hidden_size,
         direct_connection=args.direct_connection,
         dropout=args.dropout,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=data.tokenizer.eos_token_id,
     )
     model = NGramMLPForCausalLM(config)
 
     # 3. Train with Trainer, evaluate whole held-out splits, save, sample.
-    trainer, throughput = build_trainer(model, tokenizer, packed["train"], packed["validation"], training_args, byte_lengths, data_args.max_eval_blocks)
-    trainer.train()
-    results = evaluate_splits(model, tokenizer, corpus, byte_lengths, data_args.block_size, data_args.max_eval_tokens)
-    results.update(
-        bpe_training_seconds=bpe_seconds,
-        train_tokens_per_second=throughput.tokens_per_second,
-        train_steps=trainer.state.global_step,
-        parameters=model.num_parameters(),
-    )
+    trainer, results = train_and_evaluate(model, data, training_args, data_args)
+    results.update(bpe_training_seconds=data.tokenizer_seconds)
     finish_lesson(
-        model, tokenizer, training_args, lesson_args, data_args, results,
+        model, data.tokenizer, training_args, lesson_args, data_args, results,
         card=dict(
             lesson="2 (BPE tokenizer + n-gram MLP)",
             recipe="recipes/02_ngram_mlp.py",
             summary=f"An n-gram MLP language model (Bengio et al. 2003) over a hand-trained byte-level BPE "
-            f"vocabulary of {len(tokenizer)} tokens: it sees the previous {args.context_size} tokens.",
-            tokenizer=f"byte-level BPE, {len(tokenizer)} tokens, trained by hf_models.tokenization.bpe in {bpe_seconds:.0f} s",
-            training={
-                "parameters": f"{model.num_parameters():,}",
-                "steps": trainer.state.global_step,
-                "batch": f"{training_args.per_device_train_batch_size} x {data_args.block_size} tokens",
-                "optimizer": f"AdamW, lr {training_args.learning_rate}, {training_args.lr_scheduler_type} schedule",
-                "training throughput": f"{throughput.tokens_per_second:,.0f} tokens/s",
-            },
+            f"vocabulary of {len(data.tokenizer)} tokens: it sees the previous {args.context_size} tokens.",
+            tokenizer=f"{data.tokenizer_description}, trained in {data.tokenizer_seconds:.0f} s",
             limitations=f"The model sees exactly {args.context_size} previous tokens and nothing before them, so it "
             "cannot keep a speaker, a sentence or a rhyme going for longer than that.",
             tags=["ngram", "mlp", "bpe"],
         ),
     )
-
 
 if __name__ == "__main__":
     main()

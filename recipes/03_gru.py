@@ -21,16 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hf_models import GRULMConfig, GRULMForCausalLM
-from hf_models.data import pack_for_causal_lm
-from hf_models.tokenization import token_byte_lengths
-from hf_models.training import (
-    bpe_tokenizer_for,
-    build_trainer,
-    evaluate_splits,
-    finish_lesson,
-    load_lesson_corpus,
-    parse_lesson_args,
-)
+from hf_models.training import finish_lesson, parse_lesson_args, prepare_lesson_data, train_and_evaluate
 
 
 @dataclass
@@ -63,54 +54,36 @@ def main() -> None:
     )
 
     # 1. Data: the same hand-trained BPE as lesson 2 (reused from the cache when it was trained already).
-    corpus = load_lesson_corpus(data_args)
-    tokenizer, bpe_seconds = bpe_tokenizer_for(list(corpus["train"]["text"]), args.vocab_size)
-    packed = pack_for_causal_lm(corpus, tokenizer, data_args.block_size)  # rows of block_size token ids
-    byte_lengths = token_byte_lengths(tokenizer)
+    data = prepare_lesson_data(data_args, training_args, "bpe", args.vocab_size)
 
     # 2. The model: embedding -> stacked GRU layers -> tied output projection.
     config = GRULMConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(data.tokenizer),
         hidden_size=args.hidden_size,
         num_hidden_layers=args.num_hidden_layers,
         dropout=args.dropout,
         gru_implementation=args.gru_implementation,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=data.tokenizer.eos_token_id,
     )
     model = GRULMForCausalLM(config)
 
     # 3. Train, evaluate whole held-out splits, save, sample (generation carries the state forward).
-    trainer, throughput = build_trainer(model, tokenizer, packed["train"], packed["validation"], training_args, byte_lengths, data_args.max_eval_blocks)
-    trainer.train()
-    results = evaluate_splits(model, tokenizer, corpus, byte_lengths, data_args.block_size, data_args.max_eval_tokens)
-    results.update(
-        train_tokens_per_second=throughput.tokens_per_second,
-        train_steps=trainer.state.global_step,
-        parameters=model.num_parameters(),
-    )
+    trainer, results = train_and_evaluate(model, data, training_args, data_args)
     finish_lesson(
-        model, tokenizer, training_args, lesson_args, data_args, results,
+        model, data.tokenizer, training_args, lesson_args, data_args, results,
         card=dict(
             lesson="3 (GRU)",
             recipe="recipes/03_gru.py",
             summary=f"A {args.num_hidden_layers}-layer GRU language model (width {args.hidden_size}) with hand-written "
-            f"GRU cells, over a hand-trained byte-level BPE vocabulary of {len(tokenizer)} tokens.",
-            tokenizer=f"byte-level BPE, {len(tokenizer)} tokens (hf_models.tokenization.bpe)",
-            training={
-                "parameters": f"{model.num_parameters():,}",
-                "steps": trainer.state.global_step,
-                "batch": f"{training_args.per_device_train_batch_size} x {data_args.block_size} tokens (truncated BPTT)",
-                "optimizer": f"AdamW, lr {training_args.learning_rate}, {training_args.lr_scheduler_type} schedule, clip {training_args.max_grad_norm}",
-                "GRU kernel": args.gru_implementation,
-                "training throughput": f"{throughput.tokens_per_second:,.0f} tokens/s",
-            },
+            f"GRU cells, over a hand-trained byte-level BPE vocabulary of {len(data.tokenizer)} tokens.",
+            tokenizer=data.tokenizer_description,
+            training={"GRU kernel": args.gru_implementation, "backpropagation through time": f"truncated at {data_args.block_size} tokens"},
             limitations="Trained for a few minutes on a CPU with truncated backpropagation through "
             f"{data_args.block_size} tokens: it learns local syntax and the shape of a play, not meaning. Evaluation "
             f"restarts the state every {data_args.block_size} tokens, like the other lessons.",
             tags=["gru", "rnn", "bpe"],
         ),
     )
-
 
 if __name__ == "__main__":
     main()

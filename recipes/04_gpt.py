@@ -29,7 +29,7 @@ from pathlib import Path
 
 from hf_models import GPTConfig, GPTForCausalLM
 from hf_models.conversion import export_for_serving
-from hf_models.training import build_trainer, evaluate_splits, finish_lesson, parse_lesson_args, prepare_lesson_data
+from hf_models.training import DECODER_TRAINING_DEFAULTS, finish_lesson, parse_lesson_args, prepare_lesson_data, train_and_evaluate
 
 
 @dataclass
@@ -56,15 +56,9 @@ def main() -> None:
             block_size=128,
             max_steps=2000,
             per_device_train_batch_size=16,
-            learning_rate=1e-3,
-            lr_scheduler_type="cosine_with_min_lr",
-            lr_scheduler_kwargs='{"min_lr": 1e-4}',
-            warmup_steps=100,
-            weight_decay=0.1,
-            adam_beta2=0.99,
-            max_grad_norm=1.0,
             eval_steps=500,
             logging_steps=100,
+            **DECODER_TRAINING_DEFAULTS,
         ),
     )
 
@@ -86,10 +80,7 @@ def main() -> None:
     model = GPTForCausalLM(config)
 
     # 3. Train; evaluate whole held-out splits in non-overlapping windows of the context (nanoGPT's measure).
-    trainer, throughput = build_trainer(model, data.tokenizer, data.train_dataset, data.eval_dataset, training_args, data.byte_lengths, data_args.max_eval_blocks)
-    trainer.train()
-    results = evaluate_splits(model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size, data_args.max_eval_tokens)
-    results.update(train_tokens_per_second=throughput.tokens_per_second, train_steps=trainer.state.global_step, parameters=model.num_parameters())
+    trainer, results = train_and_evaluate(model, data, training_args, data_args)
 
     # 4. Save with card and sample; export a plain GPT2LMHeadModel folder for serving.
     folder, results = finish_lesson(
@@ -100,14 +91,7 @@ def main() -> None:
             summary=f"A GPT-2-style decoder ({args.num_hidden_layers} layers, {args.num_attention_heads} heads, width "
             f"{args.hidden_size}, context {data_args.block_size}) built from the zoo's hand-written blocks.",
             tokenizer=data.tokenizer_description,
-            training={
-                "parameters": f"{model.num_parameters():,}",
-                "steps": trainer.state.global_step,
-                "batch": f"{training_args.per_device_train_batch_size} x {data_args.block_size} tokens, {args.sampling}",
-                "optimizer": f"AdamW (0.9, {training_args.adam_beta2}), lr {training_args.learning_rate}, warmup "
-                f"{training_args.warmup_steps}, {training_args.lr_scheduler_type}, weight decay {training_args.weight_decay}",
-                "training throughput": f"{throughput.tokens_per_second:,.0f} tokens/s",
-            },
+            training={"sampling": args.sampling},
             limitations="A few minutes of CPU training on a few MB of plays: it writes Shakespeare-shaped text "
             f"with real words and speaker turns, but no meaning. Context is {data_args.block_size} tokens.",
             tags=["gpt", "gpt2", "decoder"],

@@ -6,6 +6,8 @@ Saved models never import this package; it is for the training side only.
 from .arguments import DataArguments, LessonArguments
 from .checkpoint import save_folder_atomically, write_json_atomically
 from .lesson import (
+    DECODER_TRAINING_DEFAULTS,
+    LessonData,
     build_trainer,
     bpe_tokenizer_for,
     evaluate_splits,
@@ -14,11 +16,14 @@ from .lesson import (
     prepare_lesson_data,
     parse_lesson_args,
     sample_with_pipeline,
+    train_and_evaluate,
 )
 from .model_card import build_model_card
 from .throughput import ThroughputCallback
 
 __all__ = [
+    "DECODER_TRAINING_DEFAULTS",
+    "LessonData",
     "DataArguments",
     "LessonArguments",
     "ThroughputCallback",
@@ -31,6 +36,7 @@ __all__ = [
     "prepare_lesson_data",
     "parse_lesson_args",
     "sample_with_pipeline",
+    "train_and_evaluate",
     "save_folder_atomically",
     "write_json_atomically",
 ]

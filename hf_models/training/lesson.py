@@ -82,7 +82,7 @@ def bpe_tokenizer_for(train_texts: list[str], vocab_size: int, retrain: bool = F
 
 @dataclass
 class LessonData:
-    """What a decoder lesson trains and evaluates on."""
+    """What a lesson trains and evaluates on."""
 
     corpus: DatasetDict
     tokenizer: PreTrainedTokenizerFast
@@ -90,27 +90,36 @@ class LessonData:
     train_dataset: Dataset | RandomWindows
     eval_dataset: Dataset
     byte_lengths: torch.LongTensor
+    tokenizer_seconds: float = 0.0
 
 
 def prepare_lesson_data(
-    data_args: DataArguments, training_args: TrainingArguments, tokenizer_kind: str, vocab_size: int, sampling: str
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    tokenizer_kind: str,
+    vocab_size: int = 2048,
+    sampling: str = "blocks",
+    retrain_tokenizer: bool = False,
 ) -> LessonData:
-    """Corpus -> tokenizer -> training examples, for the decoder lessons.
+    """Corpus -> tokenizer -> training examples.
 
     Args:
-        tokenizer_kind: "char", "bpe" (the hand-written BPE of lesson 2), or "auto": characters for
-            ``--dataset text`` (nanoGPT's shakespeare_char set-up), BPE otherwise.
+        tokenizer_kind: "char", "bpe" (the hand-written BPE of lesson 2, trained on the training split
+            and cached), or "auto": characters for ``--dataset text`` (nanoGPT's shakespeare_char
+            set-up), BPE otherwise.
         sampling: "blocks" (packed, fixed boundaries) or "random_windows" (nanoGPT's sampling, with
             ``training_args.max_steps`` x the global batch windows).
+        retrain_tokenizer: train the BPE even when a cached one exists (lesson 2 times it).
     """
     corpus = load_lesson_corpus(data_args)
     if tokenizer_kind == "auto":
         tokenizer_kind = "char" if data_args.dataset == "text" else "bpe"
+    seconds = 0.0
     if tokenizer_kind == "char":
         tokenizer = build_char_tokenizer("".join(corpus["train"]["text"]))
         description = f"character level, {len(tokenizer)} tokens"
     elif tokenizer_kind == "bpe":
-        tokenizer, _ = bpe_tokenizer_for(list(corpus["train"]["text"]), vocab_size)
+        tokenizer, seconds = bpe_tokenizer_for(list(corpus["train"]["text"]), vocab_size, retrain_tokenizer)
         description = f"byte-level BPE, {len(tokenizer)} tokens (hf_models.tokenization.bpe)"
     else:
         raise ValueError(f"tokenizer must be one of ['auto', 'char', 'bpe'], got {tokenizer_kind!r}.")
@@ -122,7 +131,20 @@ def prepare_lesson_data(
         train = packed["train"]
     else:
         raise ValueError(f"sampling must be one of ['blocks', 'random_windows'], got {sampling!r}.")
-    return LessonData(corpus, tokenizer, description, train, packed["validation"], token_byte_lengths(tokenizer))
+    return LessonData(corpus, tokenizer, description, train, packed["validation"], token_byte_lengths(tokenizer), seconds)
+
+
+# The decoder lessons' optimisation, nanoGPT's: AdamW (0.9, 0.99), weight decay 0.1 on matrices,
+# linear warm-up then cosine decay to a tenth of the peak learning rate, gradient clipping at 1.
+DECODER_TRAINING_DEFAULTS = dict(
+    learning_rate=1e-3,
+    lr_scheduler_type="cosine_with_min_lr",
+    lr_scheduler_kwargs='{"min_lr": 1e-4}',
+    warmup_steps=100,
+    weight_decay=0.1,
+    adam_beta2=0.99,
+    max_grad_norm=1.0,
+)
 
 
 def build_trainer(
@@ -182,6 +204,36 @@ def evaluate_splits(
     }
 
 
+def train_and_evaluate(
+    model: torch.nn.Module, data: LessonData, training_args: TrainingArguments, data_args: DataArguments
+) -> tuple[Trainer, dict]:
+    """Train with ``Trainer``, then measure the whole held-out splits.
+
+    Returns the trainer and the results: per-split metrics, training throughput and a ``training``
+    summary for the model card.
+    """
+    trainer, throughput = build_trainer(
+        model, data.tokenizer, data.train_dataset, data.eval_dataset, training_args, data.byte_lengths, data_args.max_eval_blocks
+    )
+    trainer.train()
+    results = evaluate_splits(model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size, data_args.max_eval_tokens)
+    args = training_args
+    results.update(
+        train_tokens_per_second=throughput.tokens_per_second,
+        train_steps=trainer.state.global_step,
+        parameters=model.num_parameters(),
+        training={
+            "parameters": f"{model.num_parameters():,}",
+            "steps": trainer.state.global_step,
+            "batch": f"{args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size} x {data_args.block_size} tokens",
+            "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}), lr {args.learning_rate}, warm-up "
+            f"{args.warmup_steps} steps, {args.lr_scheduler_type} schedule, weight decay {args.weight_decay}, clip {args.max_grad_norm}",
+            "training throughput": f"{throughput.tokens_per_second:,.0f} tokens/s on {args.world_size} process(es), {args.device.type}",
+        },
+    )
+    return trainer, results
+
+
 def sample_with_pipeline(folder: str | os.PathLike, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
     """Read the saved folder back through ``pipeline("text-generation")`` and sample from it.
 
@@ -214,10 +266,13 @@ def finish_lesson(
     folder = output_dir / lesson_args.model_name
     if not training_args.process_index == 0:
         return folder, results
+    card = dict(card)
+    training = {**results.get("training", {}), **card.pop("training", {})}
     model_card = build_model_card(
         model_name=lesson_args.model_name,
         dataset=data_args.dataset,
         results={k: v for k, v in results.items() if k in ("validation", "test")},
+        training=training,
         repo_hint=training_args.hub_model_id,
         **card,
     )
