@@ -29,21 +29,20 @@ from pathlib import Path
 
 from hf_models import GPTConfig, GPTForCausalLM
 from hf_models.conversion import export_for_serving
-from hf_models.training import DECODER_TRAINING_DEFAULTS, finish_lesson, parse_lesson_args, prepare_lesson_data, train_and_evaluate
+from hf_models.training import (
+    DECODER_TRAINING_DEFAULTS,
+    DecoderArguments,
+    finish_lesson,
+    parse_lesson_args,
+    prepare_lesson_data,
+    train_and_evaluate,
+)
 
 
 @dataclass
-class GPTArguments:
-    tokenizer: str = field(default="auto", metadata={"help": "char, bpe, or auto (char for --dataset text, else bpe)."})
-    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size."})
-    sampling: str = field(default="random_windows", metadata={"help": "random_windows (nanoGPT) or blocks (packed)."})
-    num_hidden_layers: int = field(default=4, metadata={"help": "Decoder layers."})
-    num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    hidden_size: int = field(default=192, metadata={"help": "Width of the residual stream."})
+class GPTArguments(DecoderArguments):
     bias: bool = field(default=False, metadata={"help": "Biases in Linear and LayerNorm layers (GPT-2: True, nanoGPT: False)."})
     hidden_act: str = field(default="gelu", metadata={"help": "gelu (exact) or gelu_new (GPT-2's tanh approximation)."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on embeddings and residual branches."})
-    export_gpt2: bool = field(default=True, metadata={"help": "Also save the model converted to GPT2LMHeadModel."})
 
 
 def main() -> None:
@@ -97,7 +96,7 @@ def main() -> None:
             tags=["gpt", "gpt2", "decoder"],
         ),
     )
-    if args.export_gpt2 and training_args.process_index == 0:
+    if args.export_for_serving and training_args.process_index == 0:
         export = export_for_serving(model, data.tokenizer, Path(folder).with_name(folder.name + "-gpt2"))
         print(f"exported as a plain GPT2LMHeadModel folder (no remote code): {export}")
 

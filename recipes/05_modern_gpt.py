@@ -28,21 +28,20 @@ from pathlib import Path
 
 from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
 from hf_models.conversion import export_for_serving
-from hf_models.training import DECODER_TRAINING_DEFAULTS, finish_lesson, parse_lesson_args, prepare_lesson_data, train_and_evaluate
+from hf_models.training import (
+    DECODER_TRAINING_DEFAULTS,
+    DecoderArguments,
+    finish_lesson,
+    parse_lesson_args,
+    prepare_lesson_data,
+    train_and_evaluate,
+)
 
 
 @dataclass
-class ModernArguments:
-    tokenizer: str = field(default="auto", metadata={"help": "char, bpe, or auto (char for --dataset text, else bpe)."})
-    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size."})
-    sampling: str = field(default="random_windows", metadata={"help": "random_windows (nanoGPT) or blocks (packed)."})
-    num_hidden_layers: int = field(default=4, metadata={"help": "Decoder layers."})
-    num_attention_heads: int = field(default=4, metadata={"help": "Query heads."})
+class ModernArguments(DecoderArguments):
     num_key_value_heads: int = field(default=2, metadata={"help": "Key/value heads (= heads: MHA, 1: MQA)."})
-    hidden_size: int = field(default=192, metadata={"help": "Width of the residual stream."})
     rope_theta: float = field(default=10000.0, metadata={"help": "Rotary base."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on embeddings and residual branches."})
-    export_llama: bool = field(default=True, metadata={"help": "Also save the model converted to LlamaForCausalLM."})
 
 
 def main() -> None:
@@ -97,7 +96,7 @@ def main() -> None:
             tags=["llama", "rope", "swiglu", "rmsnorm", "gqa", "decoder"],
         ),
     )
-    if args.export_llama and training_args.process_index == 0:
+    if args.export_for_serving and training_args.process_index == 0:
         export = export_for_serving(model, data.tokenizer, Path(folder).with_name(folder.name + "-llama"))
         print(f"exported as a plain LlamaForCausalLM folder (no remote code): {export}")
 

@@ -3,7 +3,7 @@
 Saved models never import this package; it is for the training side only.
 """
 
-from .arguments import DataArguments, LessonArguments
+from .arguments import DataArguments, DecoderArguments, LessonArguments
 from .checkpoint import save_folder_atomically, write_json_atomically
 from .lesson import (
     DECODER_TRAINING_DEFAULTS,
@@ -25,6 +25,7 @@ __all__ = [
     "DECODER_TRAINING_DEFAULTS",
     "LessonData",
     "DataArguments",
+    "DecoderArguments",
     "LessonArguments",
     "ThroughputCallback",
     "bpe_tokenizer_for",

@@ -48,3 +48,19 @@ class LessonArguments:
     # Filled from TrainingArguments.push_to_hub by parse_lesson_args: the recipe pushes its finished
     # folder (weights, code, tokenizer, card) itself, so Trainer must not open a Hub repo of its own.
     push_to_hub: bool = field(default=False, init=False)
+
+
+@dataclass
+class DecoderArguments:
+    """What the decoder lessons (4, 5) share; each recipe subclasses it with its own blocks' options."""
+
+    tokenizer: str = field(default="auto", metadata={"help": "char, bpe, or auto (char for --dataset text, else bpe)."})
+    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size."})
+    sampling: str = field(default="random_windows", metadata={"help": "random_windows (nanoGPT) or blocks (packed)."})
+    num_hidden_layers: int = field(default=4, metadata={"help": "Decoder layers."})
+    num_attention_heads: int = field(default=4, metadata={"help": "Attention (query) heads."})
+    hidden_size: int = field(default=192, metadata={"help": "Width of the residual stream."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on embeddings and residual branches."})
+    export_for_serving: bool = field(
+        default=True, metadata={"help": "Also save the model converted to GPT2LMHeadModel / LlamaForCausalLM."}
+    )
