@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 GROUP_BATCH_SIZE = 1000
 """Documents per ``map`` batch when cutting blocks; one ragged tail is dropped per batch."""
 
-_CACHE_FORMAT = "hf_models-packing-v1"  # bump when the packing logic changes, to orphan old caches
+_CACHE_FORMAT = "hf_models-packing-v2"  # bump when the packing logic changes, to orphan old caches
 
 # Declared rather than inferred, so that an empty split still has the right columns. int64
 # because that is what embeddings and cross-entropy take (no cast in the training loop).
