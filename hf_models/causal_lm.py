@@ -21,6 +21,13 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+# transformers 5.24 renamed the cache that ``generate()`` threads through ``forward`` from
+# ``past_key_values`` to ``cache`` (argument and output field; the old name is deprecated until 5.40).
+# The zoo accepts both names and answers in the installed version's field, so a saved folder keeps
+# working across that rename.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+CACHE_ARGUMENT_NAMES = ("past_key_values", "cache")
+
 
 class ZooPreTrainedModel(PreTrainedModel):
     """Base class of every model in the zoo (config checks, init, loss and output plumbing)."""
@@ -36,14 +43,22 @@ class ZooPreTrainedModel(PreTrainedModel):
         # Returning False stops ``generate()`` from pre-building a transformers ``DynamicCache``.
         return False
 
-    def start_forward(self, input_ids: torch.LongTensor, past_key_values, use_cache: bool | None, new_cache):
+    def start_forward(self, input_ids: torch.LongTensor, past_key_values, use_cache: bool | None, new_cache, kwargs: dict):
         """The preamble every zoo ``forward`` shares; returns ``(use_cache, past_key_values)``.
+
+        A cache passed as ``cache=`` (transformers >= 5.24 names it so) is taken out of ``kwargs``,
+        which the caller then hands on to the loss.
 
         ``use_cache`` defaults to ``config.use_cache`` outside training: a training step never reads a
         cache, so building one would be wasted work on the hot path. Inputs are checked against the
         vocabulary and the context (cached tokens included), and when a cache is wanted and none was
         passed, the model's own is created with ``new_cache()``.
         """
+        renamed = kwargs.pop("cache", None)
+        if renamed is not None:
+            if past_key_values is not None and past_key_values is not renamed:
+                raise ValueError("Pass the cache once, as `cache` or as `past_key_values`, not two different ones.")
+            past_key_values = renamed
         use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         self.check_input_ids(input_ids, past_length)
@@ -84,7 +99,7 @@ class ZooPreTrainedModel(PreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: past_key_values})
 
 
 def keep_last_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

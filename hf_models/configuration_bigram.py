@@ -26,7 +26,7 @@ class BigramConfig(PreTrainedConfig):
     """
 
     model_type = "zoo_bigram"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 96
     max_position_embeddings: int = 1024

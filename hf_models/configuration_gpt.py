@@ -36,7 +36,7 @@ class GPTConfig(PreTrainedConfig):
     """
 
     model_type = "zoo_gpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 2048
     max_position_embeddings: int = 256

@@ -29,7 +29,7 @@ class GRULMConfig(PreTrainedConfig):
     """
 
     model_type = "zoo_gru"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 2048
     hidden_size: int = 384

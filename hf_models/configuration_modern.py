@@ -36,7 +36,7 @@ class ModernDecoderConfig(PreTrainedConfig):
     """
 
     model_type = "zoo_modern"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 2048
     max_position_embeddings: int = 256

@@ -27,7 +27,7 @@ class NGramMLPConfig(PreTrainedConfig):
     """
 
     model_type = "zoo_ngram_mlp"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 2048
     context_size: int = 6

@@ -156,7 +156,10 @@ class Decoder(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]  # (B, T)
             else:
                 position_ids = torch.arange(past_length, past_length + seq_len, device=input_ids.device)[None]  # (1, T)
-        mask = build_causal_mask(attention_mask if has_padding else None, seq_len, key_length, past_length, input_ids.device)
+        # A 2-D mask without padding adds nothing to plain causal attention (and dropping it keeps
+        # the fast path); a 4-D mask (B, 1, T, S) is the caller's own and is used as given.
+        given_mask = attention_mask if has_padding or (attention_mask is not None and attention_mask.dim() == 4) else None
+        mask = build_causal_mask(given_mask, seq_len, key_length, past_length, input_ids.device)
 
         hidden_states = self.embed_tokens(input_ids)  # (B, T) -> (B, T, C)
         if self.embed_positions is not None:
@@ -224,7 +227,7 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, self.new_cache)
+        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, self.new_cache, kwargs)
         attn_implementation = self.config._attn_implementation or "sdpa"
         if attn_implementation not in ATTENTION_FUNCTIONS:
             raise ValueError(

@@ -80,7 +80,7 @@ class BigramForCausalLM(BigramPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, lambda: RecurrentStateCache(num_layers=0))
+        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, lambda: RecurrentStateCache(num_layers=0), kwargs)
 
         logits = self.logits_table(keep_last_positions(input_ids, logits_to_keep))  # (B, T) -> (B, T, V)
         if past_key_values is not None:

@@ -64,7 +64,7 @@ class GRULMForCausalLM(GRULMPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, lambda: RecurrentStateCache(num_layers=self.config.num_hidden_layers))
+        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, lambda: RecurrentStateCache(num_layers=self.config.num_hidden_layers), kwargs)
 
         batch_size, seq_len = input_ids.shape
         mask = None

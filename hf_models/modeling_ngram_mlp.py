@@ -71,7 +71,7 @@ class NGramMLPForCausalLM(NGramMLPPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, lambda: RecurrentStateCache(num_layers=1))
+        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, lambda: RecurrentStateCache(num_layers=1), kwargs)
 
         if attention_mask is not None:
             # Padding (left padding in batched generation) is treated as "before the start of the text".

@@ -5,7 +5,8 @@ decoder (GPT-2 style and LLaMA style) generates with no cache, with its default 
 hand-written growing one), with the hand-written growing and static caches passed explicitly, and
 with transformers' ``DynamicCache`` and ``StaticCache``, and every variant must give the same ids,
 for greedy search (eager and SDPA attention), sampling with a fixed seed, beam search and a
-left-padded batch.
+left-padded batch (each row must generate what its prompt generates alone). A last test checks
+that, given no cache, generate() runs on the hand-written one that ``config.kv_cache`` names.
 
 The tiny models are randomly initialised with a large ``initializer_range``: at the usual 0.02 a
 random decoder repeats one token forever, and "all caches agree on 36, 36, 36, ..." would prove
@@ -18,6 +19,7 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
+from hf_models.attention import build_causal_mask
 from hf_models.kv_cache import GrowingKVCache, StaticKVCache
 from tests.conftest import build_tiny_model
 
@@ -26,6 +28,17 @@ CONTEXT = 64  # max_position_embeddings of the tiny models
 PROMPT = 9
 NEW_TOKENS = CONTEXT - PROMPT  # generate to the end of the context: a static cache ends exactly full
 DECODERS = ["zoo_gpt", "zoo_modern"]
+PAD = 0  # never in a prompt: without an attention_mask, generate() reads every PAD token as padding
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are all per-op overhead: a second OpenMP thread only adds synchronisation, and on a
+    busy 2-core machine two threads waiting on each other made one generate() call 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_decoder(model_type: str, attn_implementation: str = "sdpa", **overrides) -> torch.nn.Module:
@@ -34,16 +47,13 @@ def tiny_decoder(model_type: str, attn_implementation: str = "sdpa", **overrides
     return model
 
 
-PAD = 0  # never in a prompt: generate() would read it as padding when no attention_mask is given
-
-
 def prompt_ids(batch: int = 1, length: int = PROMPT, seed: int = 1) -> torch.LongTensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(PAD + 1, VOCAB, (batch, length), generator=generator)
 
 
-# (name, generate() keyword arguments for that cache). A fresh cache per call: a cache holds one
-# sequence's state. `None` for the cache means "pass none": the model builds its own default.
+# name -> generate() keyword arguments for that cache, built fresh per call (a cache holds one
+# generation's state). "default" passes none: the model builds its own (config.kv_cache).
 CACHES = {
     "no_cache": lambda model: dict(use_cache=False),
     "default": lambda model: dict(),
@@ -87,7 +97,7 @@ def test_sampling_with_a_seed_is_identical_with_every_cache(model_type):
     reference = generate_with(model, "no_cache", ids, seed=7, **settings)
     assert_varied(reference, at_least=8)
     assert not torch.equal(reference, generate_with(model, "no_cache", ids, seed=8, **settings))  # it does sample
-    for name in ("default", "growing", "static", "dynamic"):
+    for name in CACHES:
         assert torch.equal(generate_with(model, name, ids, seed=7, **settings), reference), name
 
 
@@ -104,12 +114,13 @@ def test_beam_search_is_identical_with_every_cache(model_type):
         assert torch.equal(generate_with(model, name, ids, **settings), reference), name
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("cache_name", ["no_cache", "default", "static", "dynamic", "hf_static"])
 @pytest.mark.parametrize("model_type", DECODERS)
-def test_left_padded_batch_rows_match_each_prompt_alone(model_type, cache_name):
+def test_left_padded_batch_rows_match_each_prompt_alone(model_type, cache_name, attn_implementation):
     """A batch of prompts of different lengths, left-padded: each row generates what its prompt
     generates alone (positions come from the mask, padding is never attended to)."""
-    model = tiny_decoder(model_type)
+    model = tiny_decoder(model_type, attn_implementation)
     lengths = [PROMPT, 4, 7]
     width, new_tokens = max(lengths), 20
     prompts = [prompt_ids(length=length, seed=10 + row)[0] for row, length in enumerate(lengths)]
@@ -125,6 +136,25 @@ def test_left_padded_batch_rows_match_each_prompt_alone(model_type, cache_name):
         alone = generate_with(model, cache_name, prompt[None], max_new_tokens=new_tokens, do_sample=False)
         assert len(set(alone[0, len(prompt):].tolist())) >= 5, alone.tolist()
         assert torch.equal(batched[row, width - len(prompt):], alone[0]), f"row {row} (prompt of {len(prompt)})"
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_forward_honours_a_4d_attention_mask(model_type, attn_implementation):
+    """With a compileable cache (transformers' ``StaticCache``) generate() replaces the 2-D padding
+    mask by a 4-D (B, 1, T, S) mask it builds itself, and passes the positions. A 4-D mask that says
+    what the 2-D one says must give the same logits; the left-padded ``hf_static`` cases above fail
+    exactly when it is ignored (the padding is then attended to)."""
+    model = tiny_decoder(model_type, attn_implementation)
+    input_ids = prompt_ids(batch=2, length=7)
+    mask_2d = torch.ones(2, 7, dtype=torch.long)
+    mask_2d[1, :3] = 0  # row 1: three padding tokens on the left
+    positions = (mask_2d.cumsum(-1) - 1).clamp(min=0)  # (B, T), as generate() computes them
+    mask_4d = build_causal_mask(mask_2d, query_length=7, key_length=7)  # (B, 1, T, S), True = may attend
+    expected = model(input_ids, attention_mask=mask_2d, use_cache=False).logits
+    got = model(input_ids, attention_mask=mask_4d, position_ids=positions, use_cache=False).logits
+    real = mask_2d.bool()  # padding positions' outputs are meaningless either way
+    torch.testing.assert_close(got[real], expected[real])
 
 
 @pytest.mark.parametrize("model_type", DECODERS)
