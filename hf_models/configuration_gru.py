@@ -23,7 +23,11 @@ class GRULMConfig(PreTrainedConfig):
         max_position_embeddings (`int`, defaults to 1024):
             The longest sequence the model accepts. A recurrent net has no context limit in its math; this is
             the length it was trained and evaluated at. Raise it freely.
-        initializer_range (`float`, defaults to 0.02): Standard deviation of the embedding init.
+        initializer_range (`float`, defaults to 0.1):
+            Standard deviation of the embedding (and untied output) init. Larger than a transformer's 0.02
+            (PyTorch's word-language-model example uses U(-0.1, 0.1)): the embedding is the GRU's input, and
+            its gates see `W x` with `W ~ U(-1/sqrt(H), 1/sqrt(H))`, so 0.02-sized inputs barely move them
+            and the first hundreds of steps are spent growing the embedding.
         tie_word_embeddings (`bool`, defaults to `True`): Share the embedding and output matrices.
         use_cache (`bool`, defaults to `True`): Whether `forward` returns the recurrent state for `generate()`.
     """
@@ -37,7 +41,7 @@ class GRULMConfig(PreTrainedConfig):
     dropout: float = 0.0
     gru_implementation: str = "torch"
     max_position_embeddings: int = 1024
-    initializer_range: float = 0.02
+    initializer_range: float = 0.1
     tie_word_embeddings: bool = True
     use_cache: bool = True
 
