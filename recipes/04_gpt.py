@@ -18,7 +18,7 @@ Compare with nanoGPT's published CPU run (tiny-shakespeare, character level, 90/
     AdamW betas (0.9, 0.99), weight decay 0.1, cosine decay to 1e-4, exact GELU.)
 
 Run:
-    python recipes/04_gpt.py                 # ~4 minutes on 2 CPU cores
+    python recipes/04_gpt.py                 # ~5 minutes on 2 CPU cores
     accelerate launch recipes/04_gpt.py
 """
 
@@ -53,9 +53,9 @@ def main() -> None:
             model_name="gpt-shakespeare",
             card_copy="model_cards/gpt.md",
             block_size=128,
-            max_steps=2000,
+            max_steps=1000,
             per_device_train_batch_size=16,
-            eval_steps=500,
+            eval_steps=250,
             logging_steps=100,
             **DECODER_TRAINING_DEFAULTS,
         ),
