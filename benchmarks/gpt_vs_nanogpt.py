@@ -156,7 +156,7 @@ def run_zoo_training(data_file: Path, output_dir: Path) -> dict:
         "--num_hidden_layers", str(c["n_layer"]), "--num_attention_heads", str(c["n_head"]), "--hidden_size", str(c["n_embd"]),
         "--block_size", str(c["block_size"]), "--per_device_train_batch_size", str(c["batch_size"]),
         "--max_steps", str(c["max_iters"]), "--learning_rate", str(c["lr"]), "--warmup_steps", str(c["warmup"]),
-        "--eval_steps", "250", "--logging_steps", "1", "--output_dir", str(output_dir), "--card_copy", "", "--disable_tqdm", "true",
+        "--eval_steps", "250", "--output_dir", str(output_dir), "--card_copy", "", "--disable_tqdm", "true",
     ]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads((output_dir / "results.json").read_text())

@@ -90,6 +90,7 @@ class GPTConfig(PreTrainedConfig):
             activation=self.hidden_act,
             mlp_bias=self.bias,
             attention_bias=self.bias,
+            fused_qkv=True,  # GPT-2's c_attn: one matmul for q, k and v
             positions="learned",
             embedding_dropout=self.dropout,
             residual_dropout=self.dropout,

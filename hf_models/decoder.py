@@ -9,7 +9,8 @@ slot               GPT-2 (lesson 4)            LLaMA-style (lesson 5)
 =================  ==========================  ===============================
 positions          learned table, added        rotary, applied to q and k
 norm               LayerNorm (+ bias)          RMSNorm
-attention          multi-head, biases          grouped-query, no biases
+attention          multi-head, biases,         grouped-query, no biases,
+                   fused q/k/v (``c_attn``)    separate q/k/v projections
 feed-forward       GELU MLP, 4x                SwiGLU, ~8/3x
 =================  ==========================  ===============================
 
@@ -67,6 +68,7 @@ class DecoderSpec:
     activation: str = "gelu_new"
     mlp_bias: bool = True
     attention_bias: bool = True
+    fused_qkv: bool = False
     positions: str = "learned"
     rope_theta: float = 10000.0
     embedding_dropout: float = 0.0
@@ -108,6 +110,7 @@ class DecoderLayer(nn.Module):
             bias=spec.attention_bias,
             layer_idx=layer_idx,
             attention_dropout=spec.attention_dropout,
+            fused_qkv=spec.fused_qkv,
         )
         self.post_attention_layernorm = build_norm(spec)
         self.mlp = build_mlp(spec)

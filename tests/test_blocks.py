@@ -579,3 +579,23 @@ def test_caches_drive_transformers_generate(kind):
             )
             assert cache is None or cache.get_seq_length() > input_ids.shape[1]
         assert torch.equal(outputs[0], outputs[1]), generate_kwargs
+
+
+@pytest.mark.parametrize("num_key_value_heads", [HEADS, 2, 1])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_fused_qkv_projection_equals_separate_projections(num_key_value_heads, implementation):
+    """GPT's one ``qkv_proj`` (rows q | k | v) computes what LLaMA's three projections compute, GQA too."""
+    torch.manual_seed(0)
+    separate = CausalSelfAttention(HIDDEN, HEADS, num_key_value_heads, bias=True).eval()
+    fused = CausalSelfAttention(HIDDEN, HEADS, num_key_value_heads, bias=True, fused_qkv=True).eval()
+    assert not hasattr(fused, "q_proj") and fused.qkv_proj.out_features == HIDDEN + 2 * num_key_value_heads * (HIDDEN // HEADS)
+    with torch.no_grad():
+        fused.qkv_proj.weight.copy_(torch.cat([separate.q_proj.weight, separate.k_proj.weight, separate.v_proj.weight]))
+        fused.qkv_proj.bias.copy_(torch.cat([separate.q_proj.bias, separate.k_proj.bias, separate.v_proj.bias]))
+        fused.o_proj.load_state_dict(separate.o_proj.state_dict())
+    x = torch.randn(3, 9, HIDDEN)
+    mask_2d = left_padding_mask(3, 9, [0, 2, 5])
+    expected = run_attention(separate, x, mask_2d, None, None, implementation)
+    got = run_attention(fused, x, mask_2d, None, None, implementation)
+    real = mask_2d.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-6, rtol=0)

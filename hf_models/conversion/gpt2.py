@@ -4,8 +4,7 @@ Two layout differences, both mechanical:
 
 * GPT-2 stores its projections as ``Conv1D`` modules, whose weight is the transpose of an
   ``nn.Linear``'s: (in_features, out_features).
-* GPT-2 fuses the query, key and value projections into one ``c_attn`` of width 3C; the zoo keeps
-  them separate (``q_proj``, ``k_proj``, ``v_proj``) so that LoRA can target them one by one.
+* GPT-2's fused ``c_attn`` (width 3C, rows q | k | v) is the zoo GPT's ``qkv_proj``, transposed.
 
 A zoo GPT built with ``bias=False`` (nanoGPT's choice) converts with zero biases, which computes
 the same function.
@@ -60,9 +59,9 @@ def gpt_to_gpt2(model: GPTForCausalLM) -> GPT2LMHeadModel:
         attn = ours.self_attn
         copy(theirs.ln_1.weight, ours.input_layernorm.weight)
         copy(theirs.ln_1.bias, ours.input_layernorm.bias)
-        # Conv1D weights are (in, out): transpose, and fuse q|k|v along the output axis.
-        copy(theirs.attn.c_attn.weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).T)
-        copy(theirs.attn.c_attn.bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]) if attn.q_proj.bias is not None else None)
+        # Conv1D weights are (in, out): transpose. Both fuse q|k|v along the output axis.
+        copy(theirs.attn.c_attn.weight, attn.qkv_proj.weight.T)
+        copy(theirs.attn.c_attn.bias, attn.qkv_proj.bias)
         copy(theirs.attn.c_proj.weight, attn.o_proj.weight.T)
         copy(theirs.attn.c_proj.bias, attn.o_proj.bias)
         copy(theirs.ln_2.weight, ours.post_attention_layernorm.weight)
@@ -111,16 +110,12 @@ def gpt2_to_gpt(model: GPT2LMHeadModel) -> GPTForCausalLM:
     decoder, src = target.model, model.transformer
     decoder.embed_tokens.weight.copy_(src.wte.weight)
     decoder.embed_positions.weight.copy_(src.wpe.weight)
-    width = c.n_embd
     for ours, theirs in zip(decoder.layers, src.h):
         attn = ours.self_attn
         ours.input_layernorm.weight.copy_(theirs.ln_1.weight)
         ours.input_layernorm.bias.copy_(theirs.ln_1.bias)
-        q, k, v = theirs.attn.c_attn.weight.T.split(width)  # (3C, C) -> 3 x (C, C)
-        qb, kb, vb = theirs.attn.c_attn.bias.split(width)
-        for proj, w, b in ((attn.q_proj, q, qb), (attn.k_proj, k, kb), (attn.v_proj, v, vb)):
-            proj.weight.copy_(w)
-            proj.bias.copy_(b)
+        attn.qkv_proj.weight.copy_(theirs.attn.c_attn.weight.T)  # Conv1D (C, 3C) -> Linear (3C, C)
+        attn.qkv_proj.bias.copy_(theirs.attn.c_attn.bias)
         attn.o_proj.weight.copy_(theirs.attn.c_proj.weight.T)
         attn.o_proj.bias.copy_(theirs.attn.c_proj.bias)
         ours.post_attention_layernorm.weight.copy_(theirs.ln_2.weight)
