@@ -78,7 +78,9 @@ class ZooPreTrainedModel(PreTrainedModel):
                 f"than the model's context, config.max_position_embeddings={context}. Truncate the prompt, "
                 f"lower max_new_tokens, or build the model with a larger max_position_embeddings."
             )
-        if input_ids.numel() and not torch.compiler.is_compiling():
+        # The range check reads min/max back to the host: a device sync on a GPU. Decode steps
+        # (past_length > 0) feed back ids the model itself produced, so only fresh input is checked.
+        if past_length == 0 and input_ids.numel() and not torch.compiler.is_compiling():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
