@@ -26,7 +26,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 # The zoo accepts both names and answers in the installed version's field, so a saved folder keeps
 # working across that rename.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-CACHE_ARGUMENT_NAMES = ("past_key_values", "cache")
 
 
 class ZooPreTrainedModel(PreTrainedModel):

@@ -151,7 +151,10 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         seq_len = input_ids.shape[1]
         past_length, key_length = mask_lengths(past_key_values, seq_len)
-        has_padding = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())
+        if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
+            attention_mask = None  # no padding: plain causal attention, the fast path (SDPA's is_causal)
+        # Any mask left is a padding mask (B, L) or the caller's own (B, 1, T, S); build_causal_mask takes both.
+        has_padding = attention_mask is not None and attention_mask.dim() == 2
         if position_ids is None:
             if has_padding:
                 # Left padding: each row counts positions from its first real token, so a padded
@@ -159,10 +162,7 @@ class Decoder(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]  # (B, T)
             else:
                 position_ids = torch.arange(past_length, past_length + seq_len, device=input_ids.device)[None]  # (1, T)
-        # A 2-D mask without padding adds nothing to plain causal attention (and dropping it keeps
-        # the fast path); a 4-D mask (B, 1, T, S) is the caller's own and is used as given.
-        given_mask = attention_mask if has_padding or (attention_mask is not None and attention_mask.dim() == 4) else None
-        mask = build_causal_mask(given_mask, seq_len, key_length, past_length, input_ids.device)
+        mask = build_causal_mask(attention_mask, seq_len, key_length, past_length, input_ids.device)
 
         hidden_states = self.embed_tokens(input_ids)  # (B, T) -> (B, T, C)
         if self.embed_positions is not None:

@@ -51,11 +51,6 @@ def main() -> None:
             output_dir="runs/05_modern_gpt",
             model_name="modern-gpt-shakespeare",
             card_copy="model_cards/modern_gpt.md",
-            block_size=128,
-            max_steps=1000,
-            per_device_train_batch_size=16,
-            eval_steps=250,
-            logging_steps=100,
             **DECODER_TRAINING_DEFAULTS,
         ),
     )
