@@ -114,7 +114,7 @@ from transformers import (
 from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
 from hf_models.causal_lm import CACHE_FIELD
 from hf_models.kv_cache import GrowingKVCache, StaticKVCache
-from hf_models.training import write_json_atomically
+from hf_models.files import write_json_atomically
 
 PROMPT_TEXT = (
     "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"

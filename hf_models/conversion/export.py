@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..modeling_gpt import GPTForCausalLM
 from ..modeling_modern import ModernDecoderForCausalLM
-from ..training.checkpoint import save_folder_atomically
+from ..files import save_folder_atomically
 from .gpt2 import gpt_to_gpt2
 from .llama import modern_to_llama
 

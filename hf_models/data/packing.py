@@ -45,6 +45,8 @@ from typing import Any
 import datasets
 import torch
 
+from ..files import cache_dir as zoo_cache_dir
+
 __all__ = [
     "GROUP_BATCH_SIZE",
     "pack_for_causal_lm",
@@ -71,8 +73,7 @@ _BLOCKS_FEATURES = datasets.Features(
 
 def packed_cache_dir() -> Path:
     """Where packed splits are cached: ``$HF_MODELS_CACHE/packed``, default ``~/.cache/hf_models/packed``."""
-    root = os.environ.get("HF_MODELS_CACHE") or Path.home() / ".cache" / "hf_models"
-    return Path(root).expanduser() / "packed"
+    return zoo_cache_dir("packed")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -4,7 +4,6 @@ Saved models never import this package; it is for the training side only.
 """
 
 from .arguments import DataArguments, DecoderArguments, LessonArguments
-from .checkpoint import save_folder_atomically, write_json_atomically
 from .lesson import (
     DECODER_TRAINING_DEFAULTS,
     LessonData,
@@ -38,6 +37,4 @@ __all__ = [
     "parse_lesson_args",
     "sample_with_pipeline",
     "train_and_evaluate",
-    "save_folder_atomically",
-    "write_json_atomically",
 ]

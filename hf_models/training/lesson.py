@@ -30,15 +30,12 @@ from transformers import (
 
 from ..causal_lm import check_tokenizer_matches_model
 from ..data import RandomWindows, load_corpus, pack_for_causal_lm, split_token_ids
+from ..files import cache_dir, save_folder_atomically, write_json_atomically
 from ..evaluation import evaluate_token_stream, trainer_metric_functions
 from ..tokenization import ByteLevelBPE, build_char_tokenizer, token_byte_lengths
 from .arguments import DataArguments, LessonArguments
-from .checkpoint import save_folder_atomically, write_json_atomically
 from .model_card import build_model_card
 from .throughput import ThroughputCallback
-
-CACHE_DIR = Path(os.environ.get("HF_MODELS_CACHE", Path.home() / ".cache" / "hf_models"))
-
 
 def parse_lesson_args(model_arguments_type: type, defaults: dict, args: list[str] | None = None):
     """Parse ``(model args, DataArguments, LessonArguments, TrainingArguments)`` with the recipe's defaults."""
@@ -70,7 +67,7 @@ def bpe_tokenizer_for(train_texts: list[str], vocab_size: int, retrain: bool = F
     Returns the exported fast tokenizer and the training time in seconds (0 when cached).
     """
     digest = hashlib.sha256("\x00".join(train_texts).encode()).hexdigest()[:16]
-    folder = CACHE_DIR / "tokenizers" / f"bpe-{vocab_size}-{digest}"
+    folder = cache_dir("tokenizers", f"bpe-{vocab_size}-{digest}")
     if folder.exists() and not retrain:
         return AutoTokenizer.from_pretrained(folder), 0.0
     start = time.perf_counter()
