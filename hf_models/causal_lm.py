@@ -17,7 +17,6 @@ that the contract users know from transformers holds for a bigram table as much 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -109,14 +108,3 @@ def keep_last_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch
     if isinstance(logits_to_keep, int):
         return hidden_states if logits_to_keep == 0 else hidden_states[:, -logits_to_keep:]
     return hidden_states[:, logits_to_keep]
-
-
-def check_tokenizer_matches_model(tokenizer, model: nn.Module) -> None:
-    """Raise when a tokenizer can produce ids the model has no embedding for."""
-    vocab_size = model.config.vocab_size
-    if len(tokenizer) > vocab_size:
-        raise ValueError(
-            f"The tokenizer has {len(tokenizer)} tokens but the model's config.vocab_size is {vocab_size}: "
-            f"ids >= {vocab_size} would have no embedding. Use the tokenizer the model was trained with, "
-            f"or build the model with vocab_size=len(tokenizer)."
-        )

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator, pipeline
 
 import hf_models
-from hf_models.causal_lm import check_tokenizer_matches_model
+from hf_models.tokenization import check_tokenizer_matches_model
 from tests.conftest import TINY_CONFIGS, TINY_TEXT, build_tiny_model
 
 MODEL_TYPES = sorted(hf_models.MODEL_REGISTRY)

@@ -28,11 +28,10 @@ from transformers import (
     set_seed,
 )
 
-from ..causal_lm import check_tokenizer_matches_model
 from ..data import RandomWindows, load_corpus, pack_for_causal_lm, split_token_ids
 from ..files import cache_dir, save_folder_atomically, write_json_atomically
 from ..evaluation import evaluate_token_stream, trainer_metric_functions
-from ..tokenization import ByteLevelBPE, build_char_tokenizer, token_byte_lengths
+from ..tokenization import check_tokenizer_matches_model, ByteLevelBPE, build_char_tokenizer, token_byte_lengths
 from .arguments import DataArguments, LessonArguments
 from .model_card import build_model_card
 from .throughput import ThroughputCallback
