@@ -15,7 +15,7 @@ tokenizer training, evaluation, training plumbing, model cards) lives in the sub
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .configuration_bigram import BigramConfig
 from .configuration_gpt import GPTConfig
@@ -23,15 +23,16 @@ from .configuration_gru import GRULMConfig
 from .configuration_modern import ModernDecoderConfig
 from .configuration_ngram_mlp import NGramMLPConfig
 from .modeling_bigram import BigramForCausalLM
-from .modeling_gpt import GPTForCausalLM
-from .modeling_gru import GRULMForCausalLM
-from .modeling_modern import ModernDecoderForCausalLM
-from .modeling_ngram_mlp import NGramMLPForCausalLM
+from .modeling_gpt import GPTForCausalLM, GPTModel
+from .modeling_gru import GRULMForCausalLM, GRULMModel
+from .modeling_modern import ModernDecoderForCausalLM, ModernDecoderModel
+from .modeling_ngram_mlp import NGramMLPForCausalLM, NGramMLPModel
 
 __version__ = "0.1.0"
 
 # model_type -> (config class, causal LM class). A new lesson joins the zoo, and the integration
-# test matrix, by adding its line here.
+# test matrix, by adding its line here. A causal LM's backbone is its `base_model_class` (every
+# model but the bigram table has one), registered with AutoModel.
 MODEL_REGISTRY: dict[str, tuple[type, type]] = {
     BigramConfig.model_type: (BigramConfig, BigramForCausalLM),
     NGramMLPConfig.model_type: (NGramMLPConfig, NGramMLPForCausalLM),
@@ -45,6 +46,10 @@ def _register_with_auto_classes() -> None:
     for config_class, model_class in MODEL_REGISTRY.values():
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+        backbone_class = getattr(model_class, "base_model_class", None)
+        if backbone_class is not None:
+            AutoModel.register(config_class, backbone_class, exist_ok=True)
+            backbone_class.register_for_auto_class("AutoModel")
         # Every zoo tokenizer is a plain PreTrainedTokenizerFast, so none needs remote code.
         AutoTokenizer.register(config_class, tokenizer_class=PreTrainedTokenizerFast, exist_ok=True)
         # Makes save_pretrained write `auto_map` and copy the modeling files next to the weights.
@@ -60,10 +65,14 @@ __all__ = [
     "BigramForCausalLM",
     "GPTConfig",
     "GPTForCausalLM",
+    "GPTModel",
     "GRULMConfig",
     "GRULMForCausalLM",
+    "GRULMModel",
     "ModernDecoderConfig",
     "ModernDecoderForCausalLM",
+    "ModernDecoderModel",
     "NGramMLPConfig",
     "NGramMLPForCausalLM",
+    "NGramMLPModel",
 ]

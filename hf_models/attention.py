@@ -178,6 +178,7 @@ def build_causal_mask(
     key_length: int,
     past_length: int = 0,
     device: torch.device | None = None,
+    has_padding: bool | None = None,
 ) -> torch.Tensor | None:
     """The mask every layer of one forward shares, or ``None`` when plain causal attention is right.
 
@@ -189,6 +190,9 @@ def build_causal_mask(
         key_length: ``S``, the key length the cache will return (see ``mask_lengths``).
         past_length: tokens already in the cache; query ``i`` is at absolute position ``past_length + i``.
         device: where to build the mask when ``attention_mask`` is ``None``.
+        has_padding: whether the 2-D mask hides any token, when the caller knows (a model decides
+            it once per sequence, on the prefill); ``None`` checks it here, which reads a value back
+            to the host (a device sync on a GPU).
 
     Returns:
         ``None`` if there is no padding and the keys are exactly the causal prefix (no past, or a
@@ -202,7 +206,9 @@ def build_causal_mask(
                 f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache holds {past_length} "
                 f"and {query_length} are new; a 2-D mask must cover past and new tokens."
             )
-        if bool(attention_mask.all()):
+        if has_padding is None:
+            has_padding = not bool(attention_mask.all())
+        if not has_padding:
             attention_mask = None
     if attention_mask is None and key_length == past_length + query_length and (past_length == 0 or query_length == 1):
         return None
@@ -246,6 +252,9 @@ class CausalSelfAttention(nn.Module):
         attention_dropout: dropout on the attention weights while training.
         fused_qkv: one ``qkv_proj`` instead of ``q_proj``/``k_proj``/``v_proj`` (rows in q, k, v order).
     """
+
+    # The projection that writes into the residual stream (its init is scaled with depth).
+    _residual_projections = ("o_proj",)
 
     def __init__(
         self,

@@ -66,6 +66,8 @@ class GELUMLP(nn.Module):
             approximation, what GPT-2 was trained with).
     """
 
+    _residual_projections = ("down_proj",)  # writes into the residual stream
+
     def __init__(
         self, hidden_size: int, intermediate_size: int, bias: bool = True, activation: str = "gelu_new"
     ) -> None:
@@ -95,6 +97,8 @@ class SwiGLU(nn.Module):
         intermediate_size: inner width (LLaMA-7B: 11008 for C = 4096).
         bias: give the three projections a bias (LLaMA: no).
     """
+
+    _residual_projections = ("down_proj",)  # writes into the residual stream
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()

@@ -28,11 +28,18 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 GRU_IMPLEMENTATIONS = ("eager", "torch")
 
 
-class GRULayer(nn.Module):
+class GRULayer(GradientCheckpointingLayer):
+    """One GRU layer over a whole sequence, with torch.nn.GRU's weight layout.
+
+    A ``GradientCheckpointingLayer``: with ``gradient_checkpointing_enable()`` its per-step
+    activations (T gate tensors in the eager loop) are recomputed in the backward instead of kept.
+    """
+
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()
         self.hidden_size = hidden_size

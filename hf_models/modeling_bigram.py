@@ -20,13 +20,16 @@ from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .causal_lm import ZooPreTrainedModel, keep_last_positions
+from .causal_lm import CACHE_FIELD, LOSS_KWARGS, ZooPreTrainedModel, keep_last_positions
 from .configuration_bigram import BigramConfig
 from .recurrent_cache import RecurrentStateCache
 
 
 class BigramPreTrainedModel(ZooPreTrainedModel):
     config_class = BigramConfig
+    # One table lookup: there are no layer activations to recompute.
+    supports_gradient_checkpointing = False
+    _input_embed_layer = "logits_table"
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Embedding):
@@ -35,13 +38,20 @@ class BigramPreTrainedModel(ZooPreTrainedModel):
             else:
                 init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
+    def new_cache(self) -> RecurrentStateCache:
+        return RecurrentStateCache(num_layers=0)
+
 
 class BigramForCausalLM(BigramPreTrainedModel, GenerationMixin):
     """A ``vocab_size x vocab_size`` logits table (as an ``nn.Embedding``: row lookup is all it does).
 
-    The only past a bigram needs is the current token, so the cache carries no state: with
-    ``use_cache=True`` each generation step feeds just the newest token.
+    The one model of the zoo without a ``<Name>Model`` backbone: its "hidden state" would be the
+    logits themselves. Its input embedding is the table (``inputs_embeds`` are rows of logits) and it
+    has no separate output embedding. The only past a bigram needs is the current token, so the
+    cache carries no state: with ``use_cache=True`` each generation step feeds just the newest token.
     """
+
+    base_model_class = None  # no backbone: the table maps ids straight to logits
 
     def __init__(self, config: BigramConfig):
         super().__init__(config)
@@ -64,28 +74,47 @@ class BigramForCausalLM(BigramPreTrainedModel, GenerationMixin):
             model.logits_table.weight.copy_(probs.log())
         return model
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.logits_table
+    def gradient_checkpointing_enable(self, *args, **kwargs):
+        raise ValueError(
+            "BigramForCausalLM does not support gradient checkpointing: the model is one table lookup, so there are "
+            "no layer activations to drop and recompute. Train it without gradient_checkpointing."
+        )
 
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.logits_table = value
+    activation_checkpointing_enable = gradient_checkpointing_enable
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         past_key_values: RecurrentStateCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, lambda: RecurrentStateCache(num_layers=0), kwargs)
-
-        logits = self.logits_table(keep_last_positions(input_ids, logits_to_keep))  # (B, T) -> (B, T, V)
-        if past_key_values is not None:
-            past_key_values.advance(input_ids.shape[1])
-        return self.causal_lm_output(logits, labels, past_key_values, **kwargs)
+    ) -> CausalLMOutputWithPast | tuple:
+        loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
+        if output_hidden_states:
+            raise ValueError(
+                "output_hidden_states=True is not supported by BigramForCausalLM: a bigram table maps each token straight "
+                "to its logits, with no hidden state in between. Leave output_hidden_states unset."
+            )
+        cache, _, seq_len = self.start_forward(input_ids, inputs_embeds, past_key_values, use_cache, output_attentions, kwargs)
+        if inputs_embeds is None:
+            logits = self.logits_table(keep_last_positions(input_ids, logits_to_keep))  # (B, T) -> (B, T, V)
+        else:
+            logits = keep_last_positions(inputs_embeds, logits_to_keep)  # rows of the table are logits
+        if cache is not None:
+            cache.advance(seq_len)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
+        return output if return_dict is not False else output.to_tuple()
 
 
 __all__ = ["BigramForCausalLM", "BigramPreTrainedModel"]

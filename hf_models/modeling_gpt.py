@@ -15,11 +15,20 @@ identical logits.
 from __future__ import annotations
 
 from .configuration_gpt import GPTConfig
-from .decoder import DecoderForCausalLM
+from .decoder import DecoderForCausalLM, DecoderModel
 
 
-class GPTForCausalLM(DecoderForCausalLM):
+class GPTModel(DecoderModel):
+    """The GPT backbone: ids -> hidden states after the final LayerNorm (``AutoModel``)."""
+
     config_class = GPTConfig
 
 
-__all__ = ["GPTForCausalLM"]
+class GPTForCausalLM(DecoderForCausalLM):
+    """The GPT backbone (``self.model``) and an LM head tied to its token embedding."""
+
+    config_class = GPTConfig
+    base_model_class = GPTModel
+
+
+__all__ = ["GPTForCausalLM", "GPTModel"]

@@ -15,11 +15,11 @@ import math
 
 import torch
 from torch import nn
-from transformers import GenerationMixin
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .causal_lm import ZooPreTrainedModel, keep_last_positions
+from .causal_lm import ZooForCausalLM, ZooModel, ZooPreTrainedModel, has_padding
 from .configuration_gru import GRULMConfig
 from .gru import GRULayer
 from .recurrent_cache import RecurrentStateCache
@@ -27,6 +27,7 @@ from .recurrent_cache import RecurrentStateCache
 
 class GRULMPreTrainedModel(ZooPreTrainedModel):
     config_class = GRULMConfig
+    _no_split_modules = ["GRULayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -36,55 +37,71 @@ class GRULMPreTrainedModel(ZooPreTrainedModel):
             for param in module.parameters():
                 init.uniform_(param, -bound, bound)
 
+    def new_cache(self) -> Cache:
+        return RecurrentStateCache(num_layers=self.config.num_hidden_layers)
 
-class GRULMForCausalLM(GRULMPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
+
+class GRULMModel(GRULMPreTrainedModel, ZooModel):
+    """The backbone: token embedding and the stack of GRU layers; ids (B, T) -> states (B, T, H)."""
 
     def __init__(self, config: GRULMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GRULayer(config.hidden_size, config.hidden_size) for _ in range(config.num_hidden_layers))
         self.dropout = nn.Dropout(config.dropout)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.embed_tokens = value
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         past_key_values: RecurrentStateCache | None = None,
-        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        use_cache, past_key_values = self.start_forward(input_ids, past_key_values, use_cache, lambda: RecurrentStateCache(num_layers=self.config.num_hidden_layers), kwargs)
-
-        batch_size, seq_len = input_ids.shape
+    ) -> BaseModelOutputWithPast | tuple:
+        # position_ids are accepted for the common signature; a recurrence counts positions itself.
+        cache, past_length, seq_len = self.start_forward(input_ids, inputs_embeds, past_key_values, use_cache, output_attentions, kwargs)
         mask = None
-        if attention_mask is not None and not bool(attention_mask[:, -seq_len:].all()):
+        if attention_mask is not None and has_padding(attention_mask, cache, past_length):
             mask = attention_mask[:, -seq_len:].bool()  # (B, T): padded steps leave the state unchanged
 
-        x = self.dropout(self.embed_tokens(input_ids))  # (B, T) -> (B, T, H)
+        x = self.dropout(self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds)  # (B, T) -> (B, T, H)
+        all_hidden_states = [] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            h = past_key_values.get_state(i) if past_key_values is not None else None
+            if all_hidden_states is not None:
+                all_hidden_states.append(x)
+            h = cache.get_state(i) if cache is not None else None
             if h is None:
-                h = x.new_zeros(batch_size, self.config.hidden_size)
+                h = x.new_zeros(x.shape[0], self.config.hidden_size)
             x, h = layer(x, h, mask, self.config.gru_implementation)
-            if past_key_values is not None:
-                past_key_values.set_state(h, i)
+            if cache is not None:
+                cache.set_state(h, i)
             x = self.dropout(x)
-        if past_key_values is not None:
-            past_key_values.advance(seq_len)
+        if cache is not None:
+            cache.advance(seq_len)
+        if all_hidden_states is not None:
+            all_hidden_states.append(x)
+        return self.model_output(x, cache, all_hidden_states, return_dict)
 
-        logits = self.lm_head(keep_last_positions(x, logits_to_keep))  # (B, T, V)
-        return self.causal_lm_output(logits, labels, past_key_values, **kwargs)
+
+class GRULMForCausalLM(GRULMPreTrainedModel, ZooForCausalLM):
+    """The GRU backbone (``self.model``) and an LM head tied to its embedding."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Folders saved before the backbone existed hold `embed_tokens.*` and `layers.*` at the top level.
+    base_model_class = GRULMModel
+    _legacy_key_mapping = {r"^embed_tokens\.": "model.embed_tokens.", r"^layers\.": "model.layers."}
+
+    def __init__(self, config: GRULMConfig):
+        super().__init__(config)
+        self.model = self.build_backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
 
 
-__all__ = ["GRULMForCausalLM", "GRULMPreTrainedModel"]
+__all__ = ["GRULMForCausalLM", "GRULMModel", "GRULMPreTrainedModel"]

@@ -21,11 +21,20 @@ identical logits: the module names are LLaMA's, and the rotary layout is the sam
 from __future__ import annotations
 
 from .configuration_modern import ModernDecoderConfig
-from .decoder import DecoderForCausalLM
+from .decoder import DecoderForCausalLM, DecoderModel
 
 
-class ModernDecoderForCausalLM(DecoderForCausalLM):
+class ModernDecoderModel(DecoderModel):
+    """The modern decoder's backbone: ids -> hidden states after the final RMSNorm (``AutoModel``)."""
+
     config_class = ModernDecoderConfig
 
 
-__all__ = ["ModernDecoderForCausalLM"]
+class ModernDecoderForCausalLM(DecoderForCausalLM):
+    """The modern backbone (``self.model``) and an LM head tied to its token embedding."""
+
+    config_class = ModernDecoderConfig
+    base_model_class = ModernDecoderModel
+
+
+__all__ = ["ModernDecoderForCausalLM", "ModernDecoderModel"]

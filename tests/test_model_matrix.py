@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, defau
 
 import hf_models
 from hf_models.tokenization import check_tokenizer_matches_model
-from tests.conftest import TINY_CONFIGS, TINY_TEXT, build_tiny_model
+from tests.helpers import TINY_CONFIGS, TINY_TEXT, build_tiny_model
 
 MODEL_TYPES = sorted(hf_models.MODEL_REGISTRY)
 ALLOWED_TOP_LEVEL_IMPORTS = {"torch", "transformers"}
@@ -70,7 +70,8 @@ def test_save_load_round_trip_safetensors_only(saved, tiny_tokenizer):
 def test_loads_with_trust_remote_code_where_hf_models_is_not_importable(saved, tiny_tokenizer, tmp_path):
     model, folder = saved
     config = json.loads((folder / "config.json").read_text())
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    has_backbone = type(model).base_model_class is not None
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"} | ({"AutoModel"} if has_backbone else set())
     ids = sample_ids(tiny_tokenizer)
     torch.save(ids, tmp_path / "ids.pt")
     script = textwrap.dedent(
@@ -89,6 +90,12 @@ def test_loads_with_trust_remote_code_where_hf_models_is_not_importable(saved, t
         ids = torch.load({str(tmp_path / "ids.pt")!r})
         with torch.no_grad():
             torch.save(model(ids).logits, {str(tmp_path / "remote_logits.pt")!r})
+        if {has_backbone!r}:
+            from transformers import AutoModel
+            backbone = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+            assert "hf_models" not in type(backbone).__module__, type(backbone).__module__
+            with torch.no_grad():
+                torch.save(model.lm_head(backbone(ids).last_hidden_state), {str(tmp_path / "remote_backbone_logits.pt")!r})
         """
     )
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "HOME": str(tmp_path)}
@@ -96,6 +103,8 @@ def test_loads_with_trust_remote_code_where_hf_models_is_not_importable(saved, t
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "remote_logits.pt"), model(ids).logits, rtol=0, atol=0)
+        if has_backbone:
+            torch.testing.assert_close(torch.load(tmp_path / "remote_backbone_logits.pt"), model(ids).logits, rtol=0, atol=0)
 
 
 def test_carried_code_imports_only_stdlib_torch_transformers_and_siblings(saved):
