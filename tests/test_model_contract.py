@@ -263,3 +263,77 @@ def test_bitsandbytes_loads_and_runs_pipeline(model_type, quantization, saved_fo
     assert type(model.lm_head) is torch.nn.Linear  # the head stays in full precision
     text = pipeline("text-generation", model=model, tokenizer=str(folder))("ROMEO:\n", max_new_tokens=8, do_sample=False)
     assert text[0]["generated_text"].startswith("ROMEO:\n") and len(text[0]["generated_text"]) > len("ROMEO:\n")
+
+
+# --- folders saved before the backbones existed still load ---------------------------------------
+
+LEGACY_NAMES = {"model.embed_tokens.": "embed_tokens.", "model.layers.": "layers.", "model.hidden.proj.": "hidden."}
+
+
+@pytest.mark.parametrize("model_type", ["zoo_gru", "zoo_ngram_mlp"])
+def test_folders_saved_with_top_level_weight_names_still_load(model_type, saved_folder, tiny_tokenizer):
+    """GRU and n-gram folders saved before the split kept their weights at the top level."""
+    from safetensors.torch import load_file, save_file
+
+    model, folder = saved_folder(model_type)
+    weights = load_file(folder / "model.safetensors")
+    legacy = {}
+    for key, tensor in weights.items():
+        for new, old in LEGACY_NAMES.items():
+            if key.startswith(new):
+                key = old + key[len(new):]
+        legacy[key] = tensor
+    assert not any(key.startswith("model.") for key in legacy)
+    save_file(legacy, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = sample_ids(tiny_tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_decoder_spec_refuses_unknown_blocks_by_name():
+    from dataclasses import replace
+
+    from hf_models.decoder import build_mlp, build_norm
+
+    spec = hf_models.ModernDecoderConfig(hidden_size=32, num_attention_heads=4).decoder_spec()
+    with pytest.raises(ValueError, match=r"DecoderSpec.norm must be one of \['layernorm', 'rmsnorm'\], got 'batchnorm'"):
+        build_norm(replace(spec, norm="batchnorm"))
+    with pytest.raises(ValueError, match=r"DecoderSpec.mlp must be one of .*got 'moe'"):
+        build_mlp(replace(spec, mlp="moe"))
+
+
+def test_a_new_feed_forward_drops_into_every_layer_by_registering():
+    """The extension point lesson 10's mixture of experts uses: a builder registered under a name."""
+    from torch import nn
+
+    from hf_models import decoder
+
+    class ScaledSwiGLU(nn.Module):
+        _residual_projections = ("down_proj",)
+
+        def __init__(self, spec):
+            super().__init__()
+            self.inner = hf_models.feed_forward.SwiGLU(spec.hidden_size, spec.intermediate_size)
+            self.down_proj = self.inner.down_proj
+
+        def forward(self, x):
+            return 0.5 * self.inner(x)
+
+    class ScaledConfig(hf_models.ModernDecoderConfig):
+        def decoder_spec(self):
+            from dataclasses import replace
+
+            return replace(super().decoder_spec(), mlp="scaled_swiglu")
+
+    decoder.register_feed_forward("scaled_swiglu", ScaledSwiGLU)
+    try:
+        model = hf_models.ModernDecoderForCausalLM(ScaledConfig(vocab_size=40, hidden_size=32, num_attention_heads=4))
+        assert all(isinstance(layer.mlp, ScaledSwiGLU) for layer in model.model.layers)
+        ids = torch.tensor([[1, 2, 3]])
+        hidden = model.model.embed_tokens(ids)
+        layer = model.model.layers[0]
+        torch.testing.assert_close(layer.mlp(hidden), 0.5 * layer.mlp.inner(hidden))
+        model(ids)
+    finally:
+        del decoder.FEED_FORWARD_BUILDERS["scaled_swiglu"]
