@@ -5,8 +5,8 @@ the architecture it claims to be; exporting to a plain ``GPT2LMHeadModel`` / ``L
 folder lets any tool that serves those architectures serve what a lesson trained, no remote code.
 """
 
-from .export import export_for_serving
+from .export import SERVING_CONVERTERS, export_for_serving
 from .gpt2 import gpt2_to_gpt, gpt_to_gpt2
 from .llama import llama_to_modern, modern_to_llama
 
-__all__ = ["export_for_serving", "gpt2_to_gpt", "gpt_to_gpt2", "llama_to_modern", "modern_to_llama"]
+__all__ = ["SERVING_CONVERTERS", "export_for_serving", "gpt2_to_gpt", "gpt_to_gpt2", "llama_to_modern", "modern_to_llama"]

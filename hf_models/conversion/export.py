@@ -3,26 +3,43 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..files import save_folder_atomically
 from ..modeling_gpt import GPTForCausalLM
 from ..modeling_modern import ModernDecoderForCausalLM
-from ..files import save_folder_atomically
+from ..tokenization import tokenizer_for_saving
 from .gpt2 import gpt_to_gpt2
 from .llama import modern_to_llama
 
+# zoo model class -> converter to the transformers class that serves it. A new exportable model
+# joins by adding its line.
+SERVING_CONVERTERS: dict[type[nn.Module], Callable[[nn.Module], PreTrainedModel]] = {
+    GPTForCausalLM: gpt_to_gpt2,
+    ModernDecoderForCausalLM: modern_to_llama,
+}
 
-def export_for_serving(model, tokenizer, folder: str | os.PathLike) -> Path:
-    """Save ``model`` converted to ``GPT2LMHeadModel`` / ``LlamaForCausalLM``, with its tokenizer."""
-    if isinstance(model, GPTForCausalLM):
-        exported = gpt_to_gpt2(model)
-    elif isinstance(model, ModernDecoderForCausalLM):
-        exported = modern_to_llama(model)
-    else:
-        raise TypeError(f"export_for_serving takes a GPTForCausalLM or ModernDecoderForCausalLM, got {type(model).__name__}.")
+
+def export_for_serving(model: nn.Module, tokenizer, folder: str | os.PathLike) -> Path:
+    """Save ``model`` converted to its transformers twin (``GPT2LMHeadModel``, ``LlamaForCausalLM``), with its tokenizer.
+
+    The saved tokenizer's ``model_max_length`` is the model's context, so a server truncates where
+    the model stops; ``tokenizer`` itself is not changed.
+    """
+    converter = SERVING_CONVERTERS.get(type(model))
+    if converter is None:
+        raise TypeError(
+            f"export_for_serving takes one of {sorted(cls.__name__ for cls in SERVING_CONVERTERS)}, got {type(model).__name__}."
+        )
+    exported = converter(model)
+    saved_tokenizer = tokenizer_for_saving(tokenizer, model)
 
     def write(tmp: Path) -> None:
         exported.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        saved_tokenizer.save_pretrained(tmp)
 
     return save_folder_atomically(folder, write)

@@ -347,6 +347,24 @@ def _resolve_text_files(data_files: str | Sequence[str] | None) -> list[Path]:
     return paths
 
 
+def _read_utf8_text(path: Path) -> str:
+    """The file's text, or a ``ValueError`` that says which file, where, and what the bytes were.
+
+    Python's bare ``UnicodeDecodeError`` names neither the file nor its surroundings; a text in
+    Latin-1 or UTF-16, or a binary file passed by mistake, is easier to find with both.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        before, after = data[max(0, error.start - 20) : error.start], data[error.start : error.start + 20]
+        raise ValueError(
+            f"data_files (--data_files): {str(path)!r} is not UTF-8 text: at byte offset {error.start}, "
+            f"{after!r} (after {before!r}): {error.reason}. Only UTF-8 text files are allowed; convert "
+            f"the file first (e.g. iconv -f latin1 -t utf-8)."
+        ) from error
+
+
 def _load_text_files(data_files: str | Sequence[str] | None, validation_fraction: float) -> datasets.DatasetDict:
     """Concatenate the files and split by characters, exactly like nanoGPT's shakespeare_char.
 
@@ -358,7 +376,7 @@ def _load_text_files(data_files: str | Sequence[str] | None, validation_fraction
     for path in _resolve_text_files(data_files):
         if text and not text.endswith("\n"):
             text += "\n"
-        text += path.read_text(encoding="utf-8")
+        text += _read_utf8_text(path)
     n_train = int(len(text) * (1 - validation_fraction))
     if n_train == 0 or n_train == len(text):
         raise ValueError(
@@ -492,7 +510,8 @@ def load_corpus(
         dataset_config: the configuration name of a Hub dataset with several.
 
     Raises:
-        ValueError: an unknown name, a missing required argument or a value out of range.
+        ValueError: an unknown name, a missing required argument, a value out of range, or a
+            ``data_files`` file that is not UTF-8 text (naming the file and the byte offset).
         FileNotFoundError: a ``data_files`` path that does not exist.
         CorpusUnavailableError: the corpus exists but cannot be fetched (offline, no local copy).
     """

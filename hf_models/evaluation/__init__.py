@@ -2,9 +2,16 @@
 
 from .language_modeling import (
     BITS_PER_BYTE_METRIC,
+    evaluate_splits,
     evaluate_token_stream,
     load_bits_per_byte_metric,
     trainer_metric_functions,
 )
 
-__all__ = ["BITS_PER_BYTE_METRIC", "evaluate_token_stream", "load_bits_per_byte_metric", "trainer_metric_functions"]
+__all__ = [
+    "BITS_PER_BYTE_METRIC",
+    "evaluate_splits",
+    "evaluate_token_stream",
+    "load_bits_per_byte_metric",
+    "trainer_metric_functions",
+]

@@ -7,6 +7,7 @@ Two places need the same numbers, so both go through the one ``bits_per_byte`` m
   ``y = ids[i+1 : i+T+1]``, so each token after the first is predicted exactly once (the last
   window is shorter). This is the measure nanoGPT's published numbers use, which makes the GPT
   lesson comparable with them.
+  :func:`evaluate_splits` applies it to each held-out split of a corpus.
 * :func:`trainer_metric_functions` plugs the same metric into ``Trainer``'s periodic evaluation
   on packed blocks (where the first token of each block has no prediction, so the numbers run a
   little higher than the whole-split measure).
@@ -21,6 +22,10 @@ import evaluate
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets import DatasetDict
+from transformers import PreTrainedTokenizerBase
+
+from ..data import split_token_ids
 
 BITS_PER_BYTE_METRIC = str(Path(__file__).with_name("bits_per_byte"))
 
@@ -78,6 +83,29 @@ def evaluate_token_stream(
         score(token_ids[tail:-1].unsqueeze(0), token_ids[tail + 1 :].unsqueeze(0))
     model.train(was_training)
     return metric.compute()
+
+
+def evaluate_splits(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: DatasetDict,
+    byte_lengths: torch.LongTensor,
+    context_length: int,
+    max_tokens: int | None = None,
+    splits: tuple[str, ...] = ("validation", "test"),
+) -> dict[str, dict[str, float]]:
+    """:func:`evaluate_token_stream` on each of ``splits`` that ``corpus`` has, keyed by split name.
+
+    Each split's documents are tokenized and joined into one stream exactly as packing joins them
+    (``split_token_ids``), so a split is measured as one long text, not document by document.
+    """
+    return {
+        split: evaluate_token_stream(
+            model, split_token_ids(corpus[split], tokenizer), byte_lengths, context_length, max_tokens=max_tokens
+        )
+        for split in splits
+        if split in corpus
+    }
 
 
 def trainer_metric_functions(

@@ -7,10 +7,11 @@ never a mix. Three details make that true in practice:
 * **Durability.** Data is flushed and ``fsync``-ed before the rename, and the parent directory
   after it; otherwise a power cut can leave the new name pointing at an empty file.
 * **Permissions.** ``tempfile`` creates ``0600`` files and ``0700`` folders (it must, since other
-  users could read them while they are being written). A plain ``open``/``save_pretrained`` gives
-  ``0644``/``0755`` under the usual umask, and a teammate or a serving process running as another
-  user expects to read the model. So what is moved into place gets the mode a plain write would
-  have given: ``0666`` / ``0777`` less the process's umask.
+  users could read them while they are being written), and so does safetensors >= 0.8 for
+  ``model.safetensors`` (it writes through a private temporary file, safetensors#782). A plain
+  ``open`` gives ``0644``/``0755`` under the usual umask, and a teammate or a serving process
+  running as another user expects to read the model. So everything moved into place gets the mode
+  a plain write would have given: ``0666`` / ``0777`` less the process's umask.
 * **Replacing a folder.** Renaming the old folder away and the new one in leaves a moment where
   neither exists. On Linux, ``renameat2(RENAME_EXCHANGE)`` swaps the two names in one step; the
   old contents, now under the temporary name, are then removed. Elsewhere the two-rename fallback
@@ -100,11 +101,17 @@ def save_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], No
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        umask = _umask()
         write(tmp)
         for path in sorted(tmp.rglob("*")):
+            if path.is_symlink():
+                continue
             if path.is_file():
+                os.chmod(path, 0o666 & ~umask)
                 _fsync_path(path)
+            elif path.is_dir():
+                os.chmod(path, 0o777 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         _fsync_path(tmp)
         if folder.exists() and _exchange(tmp, folder):
             shutil.rmtree(tmp)  # tmp now holds the old folder

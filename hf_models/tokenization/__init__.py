@@ -8,7 +8,7 @@ vocabularies can be compared in bits per byte.
 from .bpe import GPT2_SPLIT_PATTERN, ByteLevelBPE, bytes_to_unicode, pretokenize, unicode_to_bytes
 from .byte_lengths import token_byte_lengths
 from .char_tokenizer import CHAR_EOS_TOKEN, CHAR_UNK_TOKEN, build_char_tokenizer
-from .model_match import check_tokenizer_matches_model
+from .model_match import check_tokenizer_matches_model, tokenizer_for_saving
 
 __all__ = [
     "CHAR_EOS_TOKEN",
@@ -20,5 +20,6 @@ __all__ = [
     "check_tokenizer_matches_model",
     "pretokenize",
     "token_byte_lengths",
+    "tokenizer_for_saving",
     "unicode_to_bytes",
 ]

@@ -1,24 +1,38 @@
-"""Recipe plumbing shared by every lesson: arguments, Trainer set-up, atomic saving, model cards.
+"""Recipe plumbing shared by every lesson, so that a recipe reads as its lesson and nothing else.
+
+A recipe goes top to bottom, and each step has a module named for it:
+
+* ``arguments.py``: the command line. ``HfArgumentParser`` dataclasses and :func:`parse_lesson_args`,
+  which refuses flags that cannot work before anything runs.
+* ``lesson_data.py``: corpus -> tokenizer (the hand-written BPE, cached) -> training examples,
+  :func:`prepare_lesson_data` returning a :class:`LessonData`.
+* ``trainer_setup.py``: the decoder lessons' shared budget (``DECODER_TRAINING_DEFAULTS``), a
+  ``Trainer`` whose evaluation reports bits per byte (:func:`build_trainer`), and
+  :func:`train_and_evaluate`; ``throughput.py`` times the steps.
+* held-out measurement is not training: :func:`evaluate_splits` lives in ``hf_models.evaluation``
+  (re-exported here for the recipes).
+* ``publishing.py``: :func:`finish_lesson` saves the folder atomically with its card
+  (``model_card.py``), writes ``results.json``, reads a sample back through ``pipeline`` from
+  the saved folder and pushes to the Hub when asked.
+
+Where the coming lessons' pieces go:
+
+* lesson 7, the training loop written by hand (what ``Trainer`` does for us): ``hf_models/training/loop.py``;
+* lesson 8, adapters (LoRA and friends): the package ``hf_models/adapters/``;
+* lesson 9, quantization: the flat ``hf_models/`` folder beside the model files, because a saved
+  quantized folder must carry that code for ``trust_remote_code``;
+* lesson 11, alignment (preference data, DPO): the package ``hf_models/alignment/``.
 
 Saved models never import this package; it is for the training side only.
 """
 
-from .arguments import DataArguments, DecoderArguments, LessonArguments
-from .lesson import (
-    DECODER_TRAINING_DEFAULTS,
-    LessonData,
-    build_trainer,
-    bpe_tokenizer_for,
-    evaluate_splits,
-    finish_lesson,
-    load_lesson_corpus,
-    prepare_lesson_data,
-    parse_lesson_args,
-    sample_with_pipeline,
-    train_and_evaluate,
-)
+from ..evaluation import evaluate_splits
+from .arguments import DataArguments, DecoderArguments, LessonArguments, parse_lesson_args
+from .lesson_data import LessonData, bpe_tokenizer_for, load_lesson_corpus, prepare_lesson_data
 from .model_card import build_model_card
+from .publishing import finish_lesson, push_folder_to_hub, sample_with_pipeline
 from .throughput import ThroughputCallback
+from .trainer_setup import DECODER_TRAINING_DEFAULTS, build_trainer, train_and_evaluate
 
 __all__ = [
     "DECODER_TRAINING_DEFAULTS",
@@ -35,6 +49,7 @@ __all__ = [
     "load_lesson_corpus",
     "prepare_lesson_data",
     "parse_lesson_args",
+    "push_folder_to_hub",
     "sample_with_pipeline",
     "train_and_evaluate",
 ]

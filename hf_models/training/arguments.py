@@ -1,13 +1,23 @@
-"""Command-line arguments every recipe shares, as ``HfArgumentParser`` dataclasses.
+"""Command-line arguments every recipe shares, as ``HfArgumentParser`` dataclasses, and their parser.
 
 Each recipe adds its own ``ModelArguments`` dataclass and transformers' ``TrainingArguments``,
 and sets its defaults with ``parse_lesson_args(..., defaults={...})``, so ``--help`` shows the
 values the lesson actually runs with.
+
+``parse_lesson_args`` also refuses, before any corpus is loaded or any step is taken, the values
+that would otherwise fail minutes later with a message naming something the user never typed
+(``num_samples``, a bare ``FileExistsError``): each error names the flag, the value and what is
+allowed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 
 @dataclass
@@ -64,3 +74,69 @@ class DecoderArguments:
     export_for_serving: bool = field(
         default=True, metadata={"help": "Also save the model converted to GPT2LMHeadModel / LlamaForCausalLM."}
     )
+
+
+def check_max_steps(max_steps: int, sampling: str) -> None:
+    """Refuse a ``--max_steps`` that trains nothing or that the sampling mode cannot honour.
+
+    transformers reads ``max_steps <= 0`` as "train for ``num_train_epochs`` instead", and its
+    default is -1. That is meaningful for packed ``blocks`` (an epoch is one pass over them), so
+    ``-1`` stays allowed there. ``random_windows`` draws ``max_steps`` x global batch windows up
+    front and has no epoch to count, so it needs a positive number of steps. ``0`` or any other
+    negative value is always a mistake: Trainer would silently train for epochs instead.
+    """
+    if sampling == "random_windows":
+        if not isinstance(max_steps, int) or max_steps <= 0:
+            raise ValueError(
+                f"--max_steps {max_steps} cannot be used with --sampling random_windows: the training set is "
+                f"max_steps x global batch random windows, so --max_steps must be a positive integer."
+            )
+    elif not isinstance(max_steps, int) or (max_steps <= 0 and max_steps != -1):
+        raise ValueError(
+            f"--max_steps {max_steps} is not allowed: pass a positive integer (the number of optimizer steps), "
+            f"or -1 to train for --num_train_epochs passes over the packed blocks."
+        )
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an ``--output_dir`` that is, or lies under, an existing file.
+
+    The folder itself is created when the lesson saves; what cannot work is a path whose nearest
+    existing part is a file (``mkdir`` would fail with a bare ``FileExistsError`` after training).
+    """
+    path = Path(output_dir).expanduser()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {str(existing)!r}, which is a file"
+        raise ValueError(
+            f"--output_dir {output_dir!r} {where}: it must be a folder, either existing or one that can be "
+            f"created (runs/<lesson> by default)."
+        )
+
+
+def parse_lesson_args(
+    model_arguments_type: type, defaults: dict, args: list[str] | None = None
+) -> tuple[Any, DataArguments, LessonArguments, TrainingArguments]:
+    """Parse ``(model args, DataArguments, LessonArguments, TrainingArguments)`` with the recipe's defaults.
+
+    ``defaults`` may set fields of any of the four dataclasses (``HfArgumentParser`` shares one
+    namespace). The training side is set up for lessons: no reporting integrations, no
+    checkpoints (the lesson saves its finished folder itself), evaluation every ``eval_steps``.
+    A model-arguments type with a ``sampling`` field (the decoder lessons) decides how
+    ``--max_steps`` is checked; the others train on packed blocks. Seeds everything with ``--seed``.
+
+    Raises:
+        ValueError: ``--max_steps`` or ``--output_dir`` that cannot work (see :func:`check_max_steps`
+            and :func:`check_output_dir`).
+    """
+    parser = HfArgumentParser((model_arguments_type, DataArguments, LessonArguments, TrainingArguments))
+    parser.set_defaults(
+        report_to="none", save_strategy="no", eval_strategy="steps", logging_first_step=True,
+        dataloader_pin_memory=torch.cuda.is_available(), **defaults,
+    )
+    model_args, data_args, lesson_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    check_max_steps(training_args.max_steps, getattr(model_args, "sampling", "blocks"))
+    check_output_dir(training_args.output_dir)
+    lesson_args.push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    set_seed(training_args.seed)
+    return model_args, data_args, lesson_args, training_args
