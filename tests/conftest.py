@@ -1,4 +1,7 @@
-"""Shared test set-up: offline Hub, one thread per xdist worker, and the tiny model of each zoo type."""
+"""Shared test set-up: offline Hub, one thread per xdist worker, shared fixtures, the ``gpu`` marker.
+
+Fixtures and hooks only; plain helpers live in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,35 +12,53 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import datasets
 import pytest
 import torch
 
-import hf_models
+from hf_models.data import load_corpus
 from hf_models.tokenization import build_char_tokenizer
+from tests.helpers import TINY_TEXT
+
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # two workers on two cores
 
-# The tiny configuration of every registered model type. A model joins the integration matrix by
-# registering in hf_models.MODEL_REGISTRY and adding its line here (a test checks none is missing).
-TINY_CONFIGS: dict[str, dict] = {
-    "zoo_bigram": dict(initializer_range=0.5),
-    "zoo_ngram_mlp": dict(context_size=3, embedding_dim=8, hidden_size=16),
-    "zoo_gru": dict(hidden_size=16, num_hidden_layers=2),
-    "zoo_gpt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
-    "zoo_modern": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-}
 
-TINY_TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run only where torch sees a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device, and torch.cuda.is_available() is False here")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module of tiny tensors: they are all per-op overhead, a second OpenMP
+    thread only adds synchronisation, and on a busy 2-core machine two threads waiting on each other
+    made one generate() call 50x slower. Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def torch_seed():
+    """The global torch generator seeded at 0 before the test."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> datasets.DatasetDict:
+    """The embedded Shakespeare corpus, split by play (train / validation / test)."""
+    return load_corpus("shakespeare")
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
+    """A character tokenizer over ``TINY_TEXT``, the vocabulary of the tiny zoo models."""
     return build_char_tokenizer(TINY_TEXT)
-
-
-def build_tiny_model(model_type: str, vocab_size: int, seed: int = 0, **overrides) -> torch.nn.Module:
-    config_class, model_class = hf_models.MODEL_REGISTRY[model_type]
-    torch.manual_seed(seed)
-    config = config_class(vocab_size=vocab_size, max_position_embeddings=64, **{**TINY_CONFIGS[model_type], **overrides})
-    return model_class(config).eval()

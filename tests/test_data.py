@@ -26,11 +26,11 @@ from hf_models.data import (
     split_token_ids,
 )
 from hf_models.data import packing
+from tests.helpers import EOS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SHAKESPEARE = REPO_ROOT.parent / "shared" / "datasets" / "tinyshakespeare" / "input.txt"
 SPEAKER = re.compile(r"[A-Z][A-Za-z' &.,-]*:")
-EOS = "<|endoftext|>"
 
 
 @pytest.fixture(autouse=True)
@@ -40,11 +40,6 @@ def offline_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
-
-
-@pytest.fixture(scope="module")
-def shakespeare() -> datasets.DatasetDict:
-    return load_corpus("shakespeare")
 
 
 def char_tokenizer(text: str, eos: bool = True) -> PreTrainedTokenizerFast:

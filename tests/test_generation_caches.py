@@ -21,7 +21,7 @@ from transformers import DynamicCache, StaticCache
 
 from hf_models.attention import build_causal_mask
 from hf_models.kv_cache import GrowingKVCache, StaticKVCache
-from tests.conftest import build_tiny_model
+from tests.helpers import build_tiny_model
 
 VOCAB = 60
 CONTEXT = 64  # max_position_embeddings of the tiny models
@@ -31,14 +31,7 @@ DECODERS = ["zoo_gpt", "zoo_modern"]
 PAD = 0  # never in a prompt: without an attention_mask, generate() reads every PAD token as padding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all per-op overhead: a second OpenMP thread only adds synchronisation, and on a
-    busy 2-core machine two threads waiting on each other made one generate() call 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_decoder(model_type: str, attn_implementation: str = "sdpa", **overrides) -> torch.nn.Module:

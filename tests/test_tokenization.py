@@ -18,7 +18,6 @@ import torch
 from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
 
-from hf_models.data import load_corpus
 from hf_models.tokenization import (
     ByteLevelBPE,
     build_char_tokenizer,
@@ -28,8 +27,7 @@ from hf_models.tokenization import (
     unicode_to_bytes,
 )
 from hf_models.tokenization.bpe import _drift_chars, _MergeState
-
-EOS = "<|endoftext|>"
+from tests.helpers import EOS
 
 # Hand-picked nasty strings: every one must round-trip and encode identically in both encoders.
 EDGE_CASES = [
@@ -119,11 +117,6 @@ def naive_bpe_merges(word_freqs: dict[bytes, int], num_merges: int) -> list[tupl
 
 
 # --------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def shakespeare():
-    return load_corpus("shakespeare")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,115 @@
+"""What several test files share: plain functions and constants, imported as ``from tests.helpers import ...``.
+
+Fixtures live in ``tests/conftest.py`` (and may wrap what is here); test files import nothing from conftest.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig
+from transformers.cache_utils import Cache
+
+import hf_models
+from hf_models.attention import CausalSelfAttention, build_causal_mask, mask_lengths
+from hf_models.rotary import RotaryEmbedding
+
+# ----------------------------------------------------------------------------- tiny zoo models
+
+
+# The tiny configuration of every registered model type. A model joins the integration matrix by
+# registering in hf_models.MODEL_REGISTRY and adding its line here (a test checks none is missing).
+TINY_CONFIGS: dict[str, dict] = {
+    "zoo_bigram": dict(initializer_range=0.5),
+    "zoo_ngram_mlp": dict(context_size=3, embedding_dim=8, hidden_size=16),
+    "zoo_gru": dict(hidden_size=16, num_hidden_layers=2),
+    "zoo_gpt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+    "zoo_modern": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+}
+
+TINY_TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+
+# The zoo's end-of-text token, spelled out here rather than read from hf_models, so a rename shows.
+EOS = "<|endoftext|>"
+
+
+def build_tiny_model(model_type: str, vocab_size: int, seed: int = 0, **overrides) -> torch.nn.Module:
+    """The tiny model of ``model_type`` (context 64), seeded, in eval mode; ``overrides`` update its config."""
+    config_class, model_class = hf_models.MODEL_REGISTRY[model_type]
+    torch.manual_seed(seed)
+    config = config_class(vocab_size=vocab_size, max_position_embeddings=64, **{**TINY_CONFIGS[model_type], **overrides})
+    return model_class(config).eval()
+
+
+# ----------------------------------------------------------------------------- padding
+
+
+def left_padding_mask(batch_size: int, length: int, pads: list[int]) -> torch.Tensor:
+    """(B, L) mask of 1/0 where row b starts with pads[b] padding tokens."""
+    mask = torch.ones(batch_size, length, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as transformers' generate derives them: count real tokens, padding at 0."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+# ----------------------------------------------------------------------------- single blocks
+
+
+# The block tests' attention layer: 4 heads of 8 on a 32-wide residual stream.
+HIDDEN, HEADS, HEAD_DIM = 32, 4, 8
+ATOL = 1e-5
+
+
+def llama_config(num_kv_heads: int = 2, **kwargs) -> LlamaConfig:
+    """A LLaMA config of the blocks' dimensions, for the transformers reference modules."""
+    defaults = dict(
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        num_key_value_heads=num_kv_heads,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        vocab_size=97,
+        max_position_embeddings=128,
+        attention_bias=False,
+    )
+    defaults.update(kwargs)
+    return LlamaConfig(**defaults)
+
+
+def prepare_inputs(
+    query_length: int, mask_2d: torch.Tensor | None, cache: Cache | None, rope: RotaryEmbedding | None
+) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """What a model computes once per forward, before any layer updates the cache: mask and (cos, sin)."""
+    past_length, key_length = mask_lengths(cache, query_length)
+    mask = build_causal_mask(mask_2d, query_length, key_length, past_length)
+    position_embeddings = None
+    if rope is not None:
+        if mask_2d is None:
+            position_ids = torch.arange(past_length, past_length + query_length)[None]
+        else:
+            position_ids = positions_from_mask(mask_2d)[:, past_length : past_length + query_length]
+        position_embeddings = rope(position_ids, torch.float32)
+    return mask, position_embeddings
+
+
+def run_attention(
+    attention: CausalSelfAttention,
+    x: torch.Tensor,
+    mask_2d: torch.Tensor | None,
+    cache: Cache | None,
+    rope: RotaryEmbedding | None,
+    attn_implementation: str,
+) -> torch.Tensor:
+    """One forward of a single attention layer on x (B, T, C)."""
+    mask, position_embeddings = prepare_inputs(x.shape[1], mask_2d, cache, rope)
+    return attention(
+        x,
+        attention_mask=mask,
+        position_embeddings=position_embeddings,
+        past_key_values=cache,
+        attn_implementation=attn_implementation,
+    )
