@@ -5,11 +5,14 @@ Both train a byte-level BPE on the Shakespeare train split with the same pre-tok
 size, the same ``<|endoftext|>`` special token and the same ``min_frequency``. The script
 prints, side by side:
 
-* training seconds for each (wall clock, pre-tokenization and counting included) and their ratio;
+* training seconds for each (wall clock, pre-tokenization and counting included: the median of
+  ``--rounds`` interleaved runs of the shared timer, ``hf_models.benchmarking.time_interleaved``)
+  and their ratio, with its paired q1-q3 noise band;
 * compression on the validation split: UTF-8 bytes per token (higher = fewer tokens);
 * how many of the learned merges the two trainers share (they differ only through tie-breaking).
 
-and writes the table as JSON under ``benchmarks/results/`` (git-ignored)::
+and writes the table as JSON under ``benchmarks/results/`` (git-ignored), with the machine
+description. Measured numbers are in ``benchmarks/README.md``::
 
     python benchmarks/bpe_trainer_vs_tokenizers.py                 # vocab 4096
     python benchmarks/bpe_trainer_vs_tokenizers.py --vocab_size 8192
@@ -17,21 +20,34 @@ and writes the table as JSON under ``benchmarks/results/`` (git-ignored)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import HfArgumentParser
 
+from hf_models.benchmarking import describe_machine, time_interleaved
 from hf_models.data import load_corpus
+from hf_models.files import write_json_atomically
 from hf_models.tokenization import ByteLevelBPE, pretokenize
 
 EOS = "<|endoftext|>"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class BPEBenchmarkArguments:
+    vocab_size: int = field(default=4096, metadata={"help": "Total vocabulary size."})
+    min_frequency: int = field(default=2, metadata={"help": "Minimum pair count to merge."})
+    rounds: int = field(default=3, metadata={"help": "Timed interleaved trainings of each side."})
+    warmup: int = field(default=1, metadata={"help": "Untimed trainings of each side first."})
+    output: str | None = field(
+        default=None, metadata={"help": "JSON path (default benchmarks/results/bpe_trainer_vs_tokenizers_v<vocab>.json)."}
+    )
 
 
 def train_tokenizers_bpe(texts: list[str], vocab_size: int, min_frequency: int) -> Tokenizer:
@@ -51,11 +67,7 @@ def train_tokenizers_bpe(texts: list[str], vocab_size: int, min_frequency: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab_size", type=int, default=4096, help="total vocabulary size (default 4096)")
-    parser.add_argument("--min_frequency", type=int, default=2, help="minimum pair count to merge (default 2)")
-    parser.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
-    args = parser.parse_args()
+    (args,) = HfArgumentParser(BPEBenchmarkArguments).parse_args_into_dataclasses()
 
     corpus = load_corpus("shakespeare")
     train_texts, valid_texts = list(corpus["train"]["text"]), list(corpus["validation"]["text"])
@@ -68,13 +80,19 @@ def main() -> None:
     pretokenize("warm up")
     probe_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    ours = ByteLevelBPE.train(train_texts, args.vocab_size, special_tokens=(EOS,), min_frequency=args.min_frequency)
-    ours_s = time.perf_counter() - start
-
-    start = time.perf_counter()
-    theirs = train_tokenizers_bpe(train_texts, args.vocab_size, args.min_frequency)
-    theirs_s = time.perf_counter() - start
+    trained = {}
+    timings = time_interleaved(
+        {
+            "ours": lambda: trained.update(ours=ByteLevelBPE.train(train_texts, args.vocab_size, special_tokens=(EOS,),
+                                                                  min_frequency=args.min_frequency)),
+            "tokenizers": lambda: trained.update(theirs=train_tokenizers_bpe(train_texts, args.vocab_size, args.min_frequency)),
+        },
+        rounds=args.rounds,
+        warmup=args.warmup,
+    )
+    ours, theirs = trained["ours"], trained["theirs"]  # every run learns the same merges; keep the last
+    ours_s, theirs_s = timings.median_seconds["ours"], timings.median_seconds["tokenizers"]
+    ratio = timings.speedup("tokenizers", baseline="ours")  # per round: ours_s / tokenizers_s
 
     ours_fast = ours.to_fast_tokenizer()
     ours_tokens = sum(len(ids) for ids in ours_fast(valid_texts)["input_ids"])
@@ -113,15 +131,13 @@ def main() -> None:
         "min_frequency": args.min_frequency,
         "rows": rows,
         "time_ratio_ours_over_tokenizers": round(ours_s / theirs_s, 2),
+        "time_ratio_paired_quartiles": [round(ratio.q1, 2), round(ratio.median, 2), round(ratio.q3, 2)],
+        "timings": timings.to_dict(),
         "shared_merges": len(ours_merges & theirs_merges),
         "same_merges_in_same_order": ours_merge_list == theirs_merge_list,
         "pretokenizer_probe_seconds": round(probe_s, 3),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "rayon_threads": os.environ.get("RAYON_NUM_THREADS", "default"),
-        },
+        "machine": describe_machine(measure_peak=False).to_dict(),  # no matmuls here: no peak to probe
+        "rayon_threads": os.environ.get("RAYON_NUM_THREADS", "default"),
     }
 
     header = f"{'trainer':<42} {'train s':>8} {'vocab':>6} {'merges':>6} {'val tokens':>10} {'bytes/token':>11}"
@@ -134,15 +150,14 @@ def main() -> None:
             f" {row['valid_tokens']:>10} {row['valid_bytes_per_token']:>11.3f}"
         )
     print(
-        f"time ratio (ours / tokenizers): {result['time_ratio_ours_over_tokenizers']:.1f}x;"
+        f"time ratio (ours / tokenizers, medians of {timings.rounds} interleaved rounds):"
+        f" {result['time_ratio_ours_over_tokenizers']:.1f}x, paired q1-q3 {ratio.q1:.2f}-{ratio.q3:.2f};"
         f" shared merges: {result['shared_merges']} of {len(ours.merges)}"
         f" (same order: {result['same_merges_in_same_order']});"
         f" one-time pre-tokenizer probe: {probe_s:.2f} s (not in the training time)"
     )
 
-    output = args.output or RESULTS_DIR / f"bpe_trainer_vs_tokenizers_v{args.vocab_size}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    output = write_json_atomically(args.output or RESULTS_DIR / f"bpe_trainer_vs_tokenizers_v{args.vocab_size}.json", result)
     print(f"wrote {output}")
 
 

@@ -22,28 +22,26 @@ What is measured, all in one run, each zoo model next to its twin:
 3. peak memory of one training step, see "Memory" below;
 4. model FLOPs utilisation (MFU), see "FLOPs" below.
 
-Timing. Other processes share this machine, so a number taken minutes after another is not
-comparable with it. Every comparison is therefore measured *interleaved*: after untimed warm-up
-calls, each round times one call of ours and one of the twin's, the order flipping every round
-(A B, B A, A B, ...), and we report medians of the per-call times. The ratio ours / twin is the
-number to read; absolute tokens/s move with the machine's load. Because each round times the two
-back to back, ``twin_time / ours_time`` of one round is a paired estimate of the ratio: the table
-shows the quartiles of these per-round ratios as the ratio's noise band.
+Timing. ``hf_models.benchmarking.time_interleaved``: after untimed warm-up calls, each round times
+one call of ours and one of the twin's, the order flipping every round (A B, B A, ...), and the
+table reports tokens/s of the median calls. The ratio ours / twin is the number to read; absolute
+tokens/s move with the machine's load. Each round times the two back to back, so ``twin_time /
+ours_time`` of one round is a paired estimate of the ratio, and the table shows the quartiles of
+these per-round ratios as the ratio's noise band.
 
-Threads. The script sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets it) before torch
-starts: on a shared 2-core machine, libgomp's default spin-wait made greedy decoding 30-50x slower
-whenever another process held a core, and penalised every model in proportion to its number of
-small ops rather than its work. Export ``OMP_WAIT_POLICY=ACTIVE`` to measure the default on an idle
-machine.
+Threads. The script runs with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it
+(``hf_models.benchmarking.use_passive_omp_wait`` says why: on a shared machine libgomp's spin-wait
+penalises each model by its number of small ops rather than its work). Export
+``OMP_WAIT_POLICY=ACTIVE`` to measure the default on an idle machine.
 
 FLOPs (PaLM, Chowdhery et al. 2022, appendix B). Training FLOPs per token =
 ``6 * N + 12 * L * T * C``, with ``N`` the non-embedding parameters (every parameter except the
 token and position tables; the tied LM head is therefore not counted, as in PaLM), ``L`` layers,
 ``T`` context, ``C`` width; the second term is the attention score and weighted-sum matmuls, with
-no discount for causal masking. MFU = achieved FLOP/s / the peak of a 2048 x 2048 matmul that the
-script measures itself (float32 for the fp32 rows, bfloat16 for the autocast rows): probed at start
-and again before every training cell, MFU divides by the best probe of the run, so that a probe
-taken while another process held a core cannot push MFU over 100%.
+no discount for causal masking. MFU = achieved FLOP/s / the peak of a 2048 x 2048 matmul
+(``hf_models.benchmarking.matmul_peak_flops``; float32 for the fp32 rows, bfloat16 for the autocast
+rows): probed at start and again before every training cell, MFU divides by the best probe of the
+run, so that a probe taken while another process held a core cannot push MFU over 100%.
 
 Memory. Each (model, attention, precision) cell runs in a fresh process (forked from a
 ``forkserver`` that has only imported the libraries) with glibc's mmap threshold pinned to 64 KiB,
@@ -57,7 +55,8 @@ after. (Where ``clear_refs`` is not writable, it falls back to the whole process
 from ``resource.getrusage``, and says so.)
 
 Outputs: a table on stdout, and under ``benchmarks/results/`` (git-ignored) the raw numbers as JSON
-and a bar plot of tokens/s per cell::
+(with the machine description) and a bar plot of tokens/s per cell. Measured numbers are in
+``benchmarks/README.md``::
 
     python benchmarks/decoders_vs_transformers.py                # 6 layers / 6 heads / 384, context 256, batch 8
     python benchmarks/decoders_vs_transformers.py --size small   # nanoGPT's CPU size: 4 / 4 / 128, context 64, batch 12
@@ -65,39 +64,36 @@ and a bar plot of tokens/s per cell::
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
-import json
 import multiprocessing
 import os
-import platform
 import resource
-import statistics
 import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# Set before torch starts its OpenMP pool. On a shared 2-core machine libgomp's default (spin
-# while waiting at the end of each parallel region) collapses as soon as another process holds
-# a core: a waiting thread burns its time slice until the descheduled one comes back, and every
-# small op costs a scheduler tick (greedy decoding ran 30-50x slower here). PASSIVE threads sleep.
-# Export OMP_WAIT_POLICY=ACTIVE to measure libgomp's default on an idle machine.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import matplotlib  # noqa: E402
-import matplotlib.patches  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from torch import nn  # noqa: E402
-
-import hf_models  # noqa: E402
-from hf_models.conversion import gpt_to_gpt2, modern_to_llama  # noqa: E402
+import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+import hf_models  # noqa: E402
+from hf_models.benchmarking import (  # noqa: E402
+    InterleavedTimings,
+    describe_machine,
+    matmul_peak_flops,
+    quartiles,
+    time_interleaved,
+    use_passive_omp_wait,
+)
+from hf_models.conversion import gpt_to_gpt2, modern_to_llama  # noqa: E402
+from hf_models.files import write_json_atomically  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET_RATIO = 0.95
@@ -121,6 +117,23 @@ SIZES = {
     "default": Size(layers=6, heads=6, hidden=384, context=256, batch=8, rounds=10),
     "small": Size(layers=4, heads=4, hidden=128, context=64, batch=12, rounds=20),
 }
+
+
+@dataclass
+class DecodersBenchmarkArguments:
+    size: str = field(
+        default="default",
+        metadata={"help": "default: 6L/6H/384, context 256, batch 8; small (nanoGPT's CPU size): 4L/4H/128, context 64, batch 12.",
+                  "choices": sorted(SIZES)},
+    )
+    vocab_size: int = field(default=2048, metadata={"help": "Vocabulary size (a BPE-size vocabulary)."})
+    rounds: int | None = field(default=None, metadata={"help": "Timed training steps per side and cell (default: the size's)."})
+    warmup_steps: int = field(default=2, metadata={"help": "Untimed training steps per side and cell."})
+    prompt_tokens: int = field(default=32, metadata={"help": "Prompt length for generation."})
+    new_tokens: int | None = field(default=None, metadata={"help": "Tokens to generate (default: context - prompt)."})
+    generation_rounds: int = field(default=5, metadata={"help": "Timed generate() calls per side."})
+    skip_memory: bool = field(default=False, metadata={"help": "Skip the per-cell memory processes."})
+    output_dir: str = field(default=str(RESULTS_DIR), metadata={"help": "Where the JSON and PNG go."})
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -193,51 +206,19 @@ def greedy_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> 
     return output
 
 
-# --- the one timing helper --------------------------------------------------------------------
+# --- summarising one interleaved comparison ---------------------------------------------------
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of each timed call, per candidate, measured in alternating rounds.
-
-    Each candidate is first called ``warmup`` times untimed (allocations, oneDNN primitive caches,
-    AdamW state). Then, ``rounds`` times, each candidate is called once and timed, the order flipping
-    every round (A B, B A, ...), so that drifts in the machine's load fall on both alike.
-    """
-    names = list(calls)
-    for name in names:
-        for _ in range(warmup):
-            calls[name]()
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        for name in names if round_index % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            calls[name]()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
-def matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of the fastest of ``reps`` n x n matmuls: one probe of the peak, the denominator of MFU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    seconds = time_interleaved({"matmul": lambda: a @ b}, rounds=reps, warmup=2)["matmul"]
-    return 2 * n**3 / min(seconds)
-
-
-def summarise(seconds: dict[str, list[float]], tokens: int) -> dict:
-    """tokens/s from the median call of each side, their ratio, and the spread of the per-round ratios.
-
-    Round ``i`` timed ``ours[i]`` and ``twin[i]`` back to back, so ``twin[i] / ours[i]`` is a paired
-    estimate of the ratio; its quartiles say how far the ratio moved with the machine's load.
-    """
-    tokens_per_s = {side: tokens / statistics.median(s) for side, s in seconds.items()}
-    paired = [twin / ours for ours, twin in zip(seconds["ours"], seconds["twin"])]
-    q1, _, q3 = statistics.quantiles(paired, n=4)
+def summarise(timings: InterleavedTimings, tokens: int) -> dict:
+    """tokens/s from the median call of each side, their ratio, and the per-round paired ratios' quartiles."""
+    tokens_per_s = {side: tokens / seconds for side, seconds in timings.median_seconds.items()}
+    paired = timings.speedup("ours", baseline="twin")
     return {
         "tokens_per_call": tokens,
-        "seconds": seconds,
+        "seconds": timings.seconds,
         "tokens_per_s": tokens_per_s,
         "ratio": tokens_per_s["ours"] / tokens_per_s["twin"],
-        "paired_ratio_quartiles": [q1, statistics.median(paired), q3],
+        "paired_ratio_quartiles": [paired.q1, paired.median, paired.q3],
     }
 
 
@@ -290,30 +271,7 @@ def measure_all_step_memory(jobs: list[tuple]) -> list[dict]:
 # --- reporting --------------------------------------------------------------------------------
 
 
-def machine_info() -> dict:
-    flags = set()
-    model_name = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    return {
-        "cpu": model_name,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "matmul_isa_flags": sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx512f"))),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-def quartiles(row: dict) -> str:
+def paired_band(row: dict) -> str:
     q1, _, q3 = row["paired_ratio_quartiles"]
     return f"{q1:.2f}-{q3:.2f}"
 
@@ -343,7 +301,7 @@ def print_tables(result: dict) -> None:
         memory = {side: f"{mib:.0f} MiB" for side, mib in row.get("step_peak_mib", {}).items()}
         print(
             f"{row['label']:<28} {row['attention']:<5} {row['precision']:<13} {row['tokens_per_s']['ours']:>10.0f} "
-            f"{row['tokens_per_s']['twin']:>10.0f} {row['ratio']:>6.2f} {target:>4} {quartiles(row):>12} {row['mfu']['ours']:>8.1%} "
+            f"{row['tokens_per_s']['twin']:>10.0f} {row['ratio']:>6.2f} {target:>4} {paired_band(row):>12} {row['mfu']['ours']:>8.1%} "
             f"{row['mfu']['twin']:>8.1%} {memory.get('ours', '-'):>9} {memory.get('twin', '-'):>9}"
         )
     header = f"{'generation (greedy, sdpa)':<28} {'prompt+new':<19} {'ours tok/s':>10} {'twin tok/s':>10} {'ratio':>6} {'':>4} {'paired q1-q3':>12} same tokens"
@@ -352,7 +310,7 @@ def print_tables(result: dict) -> None:
         target = "ok" if row["ratio"] >= TARGET_RATIO else "MISS"
         print(
             f"{row['label']:<28} {row['prompt_tokens']:>4} + {row['new_tokens']:<12} {row['tokens_per_s']['ours']:>10.1f} "
-            f"{row['tokens_per_s']['twin']:>10.1f} {row['ratio']:>6.2f} {target:>4} {quartiles(row):>12} {row['same_tokens']}"
+            f"{row['tokens_per_s']['twin']:>10.1f} {row['ratio']:>6.2f} {target:>4} {paired_band(row):>12} {row['same_tokens']}"
         )
     print(
         f"\nratio = ours / twin tokens/s, medians of interleaved calls; target >= {TARGET_RATIO} with sdpa "
@@ -378,7 +336,7 @@ def plot(result: dict, path: Path) -> None:
             top = 0.0
             for offset, side in ((-0.2, "ours"), (0.2, "twin")):
                 per_call = [row["tokens_per_call"] / s for s in row["seconds"][side]]
-                q1, _, q3 = statistics.quantiles(per_call, n=4)
+                q1, _, q3 = quartiles(per_call)
                 median = row["tokens_per_s"][side]
                 ax.bar(i + offset, median, width=0.4, color=colours[side],
                        yerr=[[max(median - q1, 0)], [max(q3 - median, 0)]], capsize=3, error_kw={"elinewidth": 0.8})
@@ -408,19 +366,11 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for the method.")
-    parser.add_argument("--size", choices=sorted(SIZES), default="default", help="default: 6L/6H/384, ctx 256, batch 8; small: 4L/4H/128, ctx 64, batch 12")
-    parser.add_argument("--vocab_size", type=int, default=2048, help="vocabulary size (default 2048, a BPE-size vocabulary)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed training steps per side and cell (default: 10 at default size, 20 small)")
-    parser.add_argument("--warmup_steps", type=int, default=2, help="untimed training steps per side and cell (default 2)")
-    parser.add_argument("--prompt_tokens", type=int, default=32, help="prompt length for generation (default 32)")
-    parser.add_argument("--new_tokens", type=int, default=None, help="tokens to generate (default: context - prompt, 224 at default size)")
-    parser.add_argument("--generation_rounds", type=int, default=5, help="timed generate() calls per side (default 5)")
-    parser.add_argument("--skip_memory", action="store_true", help="skip the per-cell memory processes")
-    parser.add_argument("--output_dir", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go (default benchmarks/results/)")
-    args = parser.parse_args()
+    (args,) = HfArgumentParser(DecodersBenchmarkArguments).parse_args_into_dataclasses()
     if min(args.rounds or 2, args.generation_rounds) < 2:
-        parser.error("--rounds and --generation_rounds must be at least 2 (the table reports quartiles)")
+        raise SystemExit("--rounds and --generation_rounds must be at least 2 (the table reports quartiles)")
+    use_passive_omp_wait()
+    output_dir = Path(args.output_dir)
 
     size = SIZES[args.size]
     rounds = args.rounds or size.rounds
@@ -434,7 +384,7 @@ def main() -> None:
         "vocab_size": args.vocab_size,
         "rounds": rounds,
         "warmup_steps": args.warmup_steps,
-        "machine": machine_info(),
+        "machine": None,  # below, with the first matmul peak probe
         "flops_formula": "6 * N_non_embedding + 12 * layers * context * hidden FLOPs per trained token (PaLM app. B)",
         "target_ratio": TARGET_RATIO,
         "load_average": [os.getloadavg()[0]],
@@ -442,7 +392,10 @@ def main() -> None:
     # Peak probes: at start, and before every training cell; MFU divides by the best one, so a probe
     # that ran while another process held a core does not inflate MFU.
     print("measuring the matmul peak ...", flush=True)
-    peak_probes = {precision: [matmul_flops(dtype or torch.float32, reps=10)] for precision, dtype in PRECISIONS.items()}
+    machine = describe_machine()
+    result["machine"] = machine.to_dict()
+    print(f"machine: {machine.summary()}", flush=True)
+    peak_probes = {"fp32": [machine.matmul_peak_gflops["fp32"] * 1e9], "bf16-autocast": [machine.matmul_peak_gflops["bf16"] * 1e9]}
     result["peak_flops_at_start"] = {precision: probes[0] for precision, probes in peak_probes.items()}
 
     generator = torch.Generator().manual_seed(0)
@@ -479,7 +432,7 @@ def main() -> None:
 
         for attention in ATTENTIONS:
             for precision, dtype in PRECISIONS.items():
-                peak_probes[precision].append(matmul_flops(dtype or torch.float32))
+                peak_probes[precision].append(matmul_peak_flops(dtype or torch.float32))
                 calls = {}
                 for side, model in models.items():
                     set_attention(model, attention)
@@ -521,11 +474,10 @@ def main() -> None:
     result["total_seconds"] = time.perf_counter() - started
     result["load_average"].append(os.getloadavg()[0])
     print_tables(result)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = f"decoders_vs_transformers_{args.size}_v{args.vocab_size}"
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.output_dir / f"{stem}.png")
-    print(f"\nwrote {args.output_dir / stem}.json and .png in {result['total_seconds']:.0f} s")
+    write_json_atomically(output_dir / f"{stem}.json", result)
+    plot(result, output_dir / f"{stem}.png")
+    print(f"\nwrote {output_dir / stem}.json and .png in {result['total_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ nanoGPT's README trains a tiny character-level GPT on tiny-shakespeare on a CPU 
 width 128, context 64, batch 12, 2000 iterations, lr 1e-3 with cosine decay to 1e-4, dropout 0, no
 biases) and reaches a validation loss of about 1.88. This script answers two questions:
 
-1. Is an HF-native model as fast? ``step`` mode times one training step (forward, backward,
-   clipping, AdamW) of nanoGPT's ``GPT`` and of ``hf_models.GPTForCausalLM`` at that size,
-   interleaved in rounds so machine noise hits both alike, and prints the median tokens/s of each.
+1. Is an HF-native model as fast? ``step`` mode times ``--steps`` training steps (forward,
+   backward, clipping, AdamW) of nanoGPT's ``GPT`` and of ``hf_models.GPTForCausalLM`` at that
+   size with the shared timer (``hf_models.benchmarking.time_interleaved``: rounds of alternating
+   order, so machine noise hits both alike) and prints the median tokens/s of each, and their
+   ratio with its paired q1-q3 noise band.
 2. Does the whole recipe match, end to end? ``train`` mode runs nanoGPT's own ``train.py`` and the
    zoo's ``recipes/04_gpt.py`` with the same settings one after the other, and compares their
    training-loop throughput and the final models' loss on the WHOLE validation split in
@@ -14,30 +16,53 @@ biases) and reaches a validation loss of about 1.88. This script answers two que
    ``estimate_loss`` samples 20 random batches instead).
 
 nanoGPT is not part of this project: pass a checkout (or the bare git directory a mirror gives)
-with ``--nanogpt_dir``. Its files are exported into a temporary folder; nothing of it is kept.
+with ``--nanogpt_dir`` or the ``NANOGPT_DIR`` environment variable. Without either the script
+exits as "skipped" (``make bench`` lists it and goes on). Its files are exported into a temporary
+folder; nothing of it is kept. Measured numbers are in the README's *Comparing with nanoGPT*.
 
     python benchmarks/gpt_vs_nanogpt.py --nanogpt_dir /path/to/nanoGPT --mode step
-    python benchmarks/gpt_vs_nanogpt.py --nanogpt_dir /path/to/nanoGPT --mode train
+    NANOGPT_DIR=/path/to/nanoGPT python benchmarks/gpt_vs_nanogpt.py --mode train
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import HfArgumentParser
+
+from hf_models.benchmarking import describe_machine, skip_benchmark, time_interleaved, use_passive_omp_wait
+from hf_models.files import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "tinyshakespeare" / "input.txt"
 CPU_CONFIG = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup=100)
+
+
+@dataclass
+class NanoGPTComparisonArguments:
+    nanogpt_dir: str | None = field(
+        default=os.environ.get("NANOGPT_DIR"),
+        metadata={"help": "A karpathy/nanoGPT checkout or bare git directory (default: $NANOGPT_DIR)."},
+    )
+    data_file: str = field(default=str(DEFAULT_DATA), metadata={"help": "tiny-shakespeare input.txt."})
+    mode: str = field(
+        default="both",
+        metadata={"help": "step: training steps of both models, interleaved; train: both training scripts end to end.",
+                  "choices": ["step", "train", "both"]},
+    )
+    rounds: int = field(default=8, metadata={"help": "Timed interleaved rounds of the step benchmark."})
+    steps: int = field(default=50, metadata={"help": "Training steps per model per round."})
+    output: str = field(default=str(REPO / "benchmarks" / "results" / "gpt_vs_nanogpt.json"), metadata={"help": "JSON path."})
 
 
 def export_nanogpt(source: Path, into: Path) -> Path:
@@ -92,25 +117,29 @@ def step_benchmark(nanogpt, train_ids: torch.Tensor, vocab: int, rounds: int, st
         y = torch.stack([train_ids[s + 1 : s + 1 + c["block_size"]] for s in starts])
         return x, y
 
+    def train_steps(model, optimizer, loss_of) -> None:
+        model.train()
+        for _ in range(steps):
+            x, y = batch()
+            loss = loss_of(model, x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
     runners = {
         "nanoGPT GPT": (theirs, adamw(theirs), lambda m, x, y: m(x, y)[1]),
         "hf_models GPTForCausalLM": (ours, adamw(ours), lambda m, x, y: m(input_ids=x, labels=x, shift_labels=y).loss),
     }
-    timings = {name: [] for name in runners}
-    for round_index in range(rounds + 1):
-        for name, (model, optimizer, loss_of) in runners.items():
-            model.train()
-            start = time.perf_counter()
-            for _ in range(steps):
-                x, y = batch()
-                loss = loss_of(model, x, y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if round_index > 0:  # round 0 warms both up
-                timings[name].append(steps * c["batch_size"] * c["block_size"] / (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in timings.items()}
+    timings = time_interleaved({name: (lambda runner=runner: train_steps(*runner)) for name, runner in runners.items()},
+                               rounds=rounds, warmup=1)
+    tokens = steps * c["batch_size"] * c["block_size"]
+    ratio = timings.speedup("hf_models GPTForCausalLM", baseline="nanoGPT GPT")
+    return {
+        "tokens_per_second": {name: tokens / seconds for name, seconds in timings.median_seconds.items()},
+        "ratio_hf_models_over_nanogpt": {"q1": ratio.q1, "median": ratio.median, "q3": ratio.q3},
+        "timings": timings.to_dict(),
+    }
 
 
 # --- 2. the two training scripts end to end -------------------------------------------------------
@@ -163,34 +192,35 @@ def run_zoo_training(data_file: Path, output_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nanogpt_dir", type=Path, required=True, help="a nanoGPT checkout or bare git directory")
-    parser.add_argument("--data_file", type=Path, default=DEFAULT_DATA, help="tiny-shakespeare input.txt")
-    parser.add_argument("--mode", choices=["step", "train", "both"], default="both")
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the step benchmark")
-    parser.add_argument("--steps", type=int, default=50, help="steps per model per round")
-    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "gpt_vs_nanogpt.json")
-    args = parser.parse_args()
+    (args,) = HfArgumentParser(NanoGPTComparisonArguments).parse_args_into_dataclasses()
+    if not args.nanogpt_dir:
+        skip_benchmark("gpt_vs_nanogpt.py needs a karpathy/nanoGPT checkout: pass --nanogpt_dir or set NANOGPT_DIR")
+    data_file = Path(args.data_file)
+    if not data_file.exists():
+        skip_benchmark(f"gpt_vs_nanogpt.py needs tiny-shakespeare's input.txt at {data_file} (--data_file)")
+    use_passive_omp_wait()  # both sides, and nanoGPT's train.py, which inherits the environment
 
     from hf_models.evaluation import evaluate_token_stream
 
-    train_ids, val_ids, vocab = char_data(args.data_file)
-    report: dict = {"config": CPU_CONFIG, "threads": torch.get_num_threads()}
+    train_ids, val_ids, vocab = char_data(data_file)
+    machine = describe_machine()
+    print(f"machine: {machine.summary()}")
+    report: dict = {"benchmark": "gpt_vs_nanogpt", "config": CPU_CONFIG, "machine": machine.to_dict()}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = export_nanogpt(args.nanogpt_dir, Path(tmp) / "nanogpt")
+        folder = export_nanogpt(Path(args.nanogpt_dir), Path(tmp) / "nanogpt")
         nanogpt = import_nanogpt_model(folder)
         if args.mode in ("step", "both"):
-            step = step_benchmark(nanogpt, train_ids, vocab, args.rounds, args.steps)
-            report["step_tokens_per_second"] = step
-            print("\nTraining step (forward + backward + clip + AdamW), median tokens/s, interleaved:")
-            for name, value in step.items():
+            report["step"] = step = step_benchmark(nanogpt, train_ids, vocab, args.rounds, args.steps)
+            print(f"\nTraining step (forward + backward + clip + AdamW), median tokens/s, {args.rounds} interleaved rounds:")
+            for name, value in step["tokens_per_second"].items():
                 print(f"  {name:28s} {value:10,.0f}")
-            print(f"  ratio hf_models / nanoGPT      {step['hf_models GPTForCausalLM'] / step['nanoGPT GPT']:10.3f}")
+            ratio = step["ratio_hf_models_over_nanogpt"]
+            print(f"  ratio hf_models / nanoGPT      {ratio['median']:10.3f}  (paired q1-q3 {ratio['q1']:.3f}-{ratio['q3']:.3f})")
         if args.mode in ("train", "both"):
-            theirs = run_nanogpt_training(folder, args.data_file, nanogpt)
+            theirs = run_nanogpt_training(folder, data_file, nanogpt)
             bytes_per_char = torch.ones(vocab, dtype=torch.long)  # tiny-shakespeare is ASCII
             their_eval = evaluate_token_stream(LogitsOf(theirs.pop("model")), val_ids, bytes_per_char, CPU_CONFIG["block_size"])
-            ours = run_zoo_training(args.data_file, Path(tmp) / "zoo")
+            ours = run_zoo_training(data_file, Path(tmp) / "zoo")
             report["train"] = {
                 "nanoGPT train.py": {"train_tokens_per_second": theirs["train_tokens_per_second"], "validation_loss": their_eval["loss"], "checkpoint_iter": theirs["checkpoint_iter"]},
                 "hf_models recipes/04_gpt.py": {"train_tokens_per_second": ours["train_tokens_per_second"], "validation_loss": ours["validation"]["loss"]},
@@ -200,8 +230,7 @@ def main() -> None:
                 print(f"  {name:28s} {r['train_tokens_per_second']:10,.0f} tokens/s   val loss {r['validation_loss']:.4f}")
             ratio = ours["train_tokens_per_second"] / theirs["train_tokens_per_second"]
             print(f"  throughput ratio hf_models / nanoGPT: {ratio:.3f}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
+    write_json_atomically(args.output, report)
     print(f"\nsaved {args.output}")
 
 
