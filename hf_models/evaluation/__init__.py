@@ -2,6 +2,7 @@
 
 from .language_modeling import (
     BITS_PER_BYTE_METRIC,
+    evaluate_blocks,
     evaluate_splits,
     evaluate_token_stream,
     load_bits_per_byte_metric,
@@ -10,6 +11,7 @@ from .language_modeling import (
 
 __all__ = [
     "BITS_PER_BYTE_METRIC",
+    "evaluate_blocks",
     "evaluate_splits",
     "evaluate_token_stream",
     "load_bits_per_byte_metric",

@@ -15,6 +15,7 @@ Two places need the same numbers, so both go through the one ``bits_per_byte`` m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import DatasetDict
-from transformers import PreTrainedTokenizerBase
+from transformers import EvalPrediction, PreTrainedTokenizerBase
 
 from ..data import split_token_ids
 
@@ -135,3 +136,26 @@ def trainer_metric_functions(
         return {"bits_per_byte": result["bits_per_byte"], "perplexity": result["perplexity"]}
 
     return preprocess_logits_for_metrics, compute_metrics
+
+
+@torch.no_grad()
+def evaluate_blocks(model: torch.nn.Module, blocks, byte_lengths: torch.LongTensor, batch_size: int = 16) -> dict[str, float]:
+    """Loss, perplexity and bits per byte on packed blocks (rows of ``input_ids``/``labels``).
+
+    The same numbers ``Trainer``'s periodic evaluation reports through :func:`trainer_metric_functions`
+    (each block's first token has no prediction), for loops that are not ``Trainer``.
+    """
+    preprocess, compute = trainer_metric_functions(byte_lengths)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums, labels = [], []
+    for start in range(0, len(blocks), batch_size):
+        rows = [blocks[i] for i in range(start, min(start + batch_size, len(blocks)))]
+        input_ids = torch.as_tensor([row["input_ids"] for row in rows], device=device)  # (B, T)
+        targets = torch.as_tensor([row["labels"] for row in rows], device=device)
+        sums.append(preprocess(model(input_ids=input_ids, use_cache=False).logits, targets).cpu())
+        labels.append(targets.cpu())
+    model.train(was_training)
+    result = compute(EvalPrediction(predictions=torch.cat(sums).numpy(), label_ids=torch.cat(labels).numpy()))
+    return {"loss": math.log(result["perplexity"]), **result}

@@ -1,0 +1,369 @@
+"""Lesson 7: the training loop ``Trainer`` runs for us, written out, on Accelerate.
+
+One optimizer step, as every LLM trainer does it::
+
+    for each of the `accumulation` micro-batches:          # a large batch that does not fit at once
+        with autocast(bf16 or fp16):                      # mixed precision: matmuls in 16 bits
+            loss = sum of token losses / tokens in the whole step
+        backward(loss)                                    # gradients add up across micro-batches
+    clip the gradient norm                                # one bad batch cannot blow up the weights
+    optimizer step, learning-rate schedule step           # AdamW; warm-up then cosine (schedule.py)
+
+and around it: periodic evaluation, logging, and checkpoints that let a killed run continue bit
+for bit (``loop_state.py``).
+
+Three details are where loops go wrong:
+
+* **Loss normalisation under accumulation.** Averaging each micro-batch's mean loss weighs a token
+  in a short micro-batch more than one in a long micro-batch: with padding or packed documents the
+  accumulated gradient is not the large batch's gradient (transformers itself shipped this for
+  years). The loss here is the *sum* over real (not padding, not ignored) tokens divided by the token
+  count of the whole accumulated batch, on every process together, so 4 micro-batches of 2 give
+  exactly the gradient of one batch of 8.
+* **Mixed precision.** bf16 has fp32's range, so autocast is all it needs; fp16's range is small,
+  so its loss is multiplied by a large factor before the backward (gradients would underflow to 0)
+  and the gradients divided back before clipping, skipping steps that overflowed
+  (``torch.amp.GradScaler``). Weights and optimizer state stay in fp32 either way. On CPUs without
+  bf16 matrix units autocast only adds casts: measure before assuming it is faster.
+* **Determinism.** The data order is a function of the seed and the position only, never of the
+  number of processes: global micro-batch ``k`` holds the same examples whether one process reads
+  all of it or each of ``P`` processes reads a ``1/P`` slice. Gradients are averaged across processes
+  by DDP, so the loss each process back-propagates is scaled by ``P`` to keep the global token mean.
+
+Accelerate places the model, wraps it for data parallelism (DDP over gloo on CPUs, NCCL on GPUs,
+or FSDP/DeepSpeed from an ``accelerate launch`` config) and provides the collectives; everything
+else is here. Frontier stacks add tensor/pipeline parallelism and sharded optimizers, but their
+step is this one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+from transformers import TrainingArguments, default_data_collator
+
+from ..evaluation import evaluate_blocks
+from ..files import save_folder_atomically
+from .loop_state import (
+    MODEL_FILE,
+    STATE_FILE,
+    capture_rng_state,
+    latest_checkpoint,
+    load_optimizer,
+    load_rng_state,
+    restore_rng_state,
+    save_optimizer,
+    save_rng_states,
+)
+from .schedule import WarmupCosineSchedule
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class LoopResult:
+    """What a run reports: the logged records (as in ``metrics.jsonl``), throughput and the final step."""
+
+    history: list[dict] = field(default_factory=list)
+    tokens_per_second: float = float("nan")
+    steps: int = 0
+
+    @property
+    def losses(self) -> dict[int, float]:
+        """Training loss at each logged step."""
+        return {r["step"]: r["loss"] for r in self.history if "loss" in r}
+
+
+def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (embeddings, projections), not on biases and norm gains.
+
+    Decay pulls weights toward 0; a norm's gain or a bias has no scale freedom to regularise, and
+    pulling a gain to 0 switches its layer off. ``Trainer`` excludes the same parameters by name.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def count_target_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens the loss is taken over: ``shift_labels`` as given, else ``labels[:, 1:]``, without -100."""
+    targets = batch["shift_labels"] if "shift_labels" in batch else batch["labels"][:, 1:]
+    return (targets != -100).sum()
+
+
+class GlobalBatches:
+    """Deterministic micro-batches: global micro-batch ``k`` is a function of (seed, k) only.
+
+    Each of ``world_size`` processes takes its contiguous slice of ``per_device`` examples, so the
+    examples a global step sees do not depend on how many processes share them. ``shuffle=False``
+    reads the dataset in order, which is right when the dataset itself was drawn at random
+    (``RandomWindows``, nanoGPT's sampling); otherwise each epoch is a seeded permutation.
+    """
+
+    def __init__(self, dataset, per_device: int, world_size: int, rank: int, seed: int, shuffle: bool, collate: Callable):
+        self.dataset, self.per_device, self.world_size, self.rank = dataset, per_device, world_size, rank
+        self.seed, self.shuffle, self.collate = seed, shuffle, collate
+        self.global_size = per_device * world_size
+        self.per_epoch = len(dataset) // self.global_size
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"The training set has {len(dataset)} examples, fewer than one global micro-batch of "
+                f"{per_device} x {world_size} processes = {self.global_size}."
+            )
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            n = len(self.dataset)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)) if self.shuffle else torch.arange(n)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        """This process's slice of global micro-batch ``k`` (counting across epochs)."""
+        epoch, within = divmod(k, self.per_epoch)
+        start = within * self.global_size + self.rank * self.per_device
+        indices = self.order(epoch)[start : start + self.per_device]
+        return self.collate([self.dataset[int(i)] for i in indices])
+
+
+class TrainingLoop:
+    """Train ``model`` on ``train_dataset`` with the settings of ``args`` (transformers' ``TrainingArguments``).
+
+    The same flags drive this loop and ``Trainer``, so the two can be compared run for run. Read:
+    ``per_device_train_batch_size``, ``gradient_accumulation_steps``, ``max_steps``,
+    ``learning_rate``, ``warmup_steps``/``warmup_ratio``, ``lr_scheduler_kwargs["min_lr"]`` (the
+    cosine floor), ``weight_decay``, ``adam_beta1/2``, ``adam_epsilon``, ``optim`` (fused AdamW or
+    not), ``max_grad_norm``, ``bf16``/``fp16``, ``gradient_checkpointing``, ``logging_steps``,
+    ``eval_steps``, ``save_steps`` (with ``save_strategy="steps"``), ``seed``, ``output_dir``,
+    ``use_cpu`` and ``disable_tqdm``.
+
+    Writes ``metrics.jsonl`` (one JSON record per logged step and per evaluation), TensorBoard
+    events when ``tensorboard`` is installed, and ``checkpoint-<step>`` folders (``loop_state.py``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train_dataset,
+        args: TrainingArguments,
+        eval_dataset=None,
+        byte_lengths: torch.LongTensor | None = None,
+        shuffle: bool = True,
+        collate: Callable = default_data_collator,
+        eval_batch_size: int = 16,
+    ):
+        if args.max_steps is None or args.max_steps <= 0:
+            raise ValueError(f"The hand-written loop trains for --max_steps steps; got max_steps={args.max_steps}, expected a positive integer.")
+        if args.bf16 and args.fp16:
+            raise ValueError("Pass at most one of --bf16 and --fp16.")
+        self.args = args
+        self.accelerator = Accelerator(cpu=args.use_cpu or not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        if args.fp16 and self.device.type != "cuda":
+            raise ValueError(
+                f"--fp16 needs a CUDA device (fp16 with loss scaling is a GPU recipe); this run is on {self.device.type}. "
+                f"Use --bf16 for mixed precision on a CPU."
+            )
+        self.precision = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if args.fp16 else None
+
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.eval_dataset, self.byte_lengths, self.eval_batch_size = eval_dataset, byte_lengths, eval_batch_size
+        optimizer = torch.optim.AdamW(
+            decay_parameter_groups(model, args.weight_decay),
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            fused="fused" in str(args.optim),
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        min_lr = (args.lr_scheduler_kwargs or {}).get("min_lr", 0.0) if isinstance(args.lr_scheduler_kwargs, dict) else 0.0
+        self.scheduler = WarmupCosineSchedule(self.optimizer, args.get_warmup_steps(args.max_steps), args.max_steps, min_lr)
+        state = self.accelerator.state
+        self.batches = GlobalBatches(train_dataset, args.per_device_train_batch_size, state.num_processes, state.process_index, args.seed, shuffle, collate)
+        self.output_dir = Path(args.output_dir)
+        self.step = 0  # optimizer steps done
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def autocast(self):
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns (loss, grad norm), unsynced."""
+        step_loss = self.accumulate_gradients()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skipped if the gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return step_loss, grad_norm
+
+    def accumulate_gradients(self) -> torch.Tensor:
+        """Forward and backward over this step's micro-batches; returns the step's loss (global token mean)."""
+        accumulation = self.args.gradient_accumulation_steps
+        first = self.step * accumulation
+        micro_batches = [{k: v.to(self.device) for k, v in self.batches[first + i].items()} for i in range(accumulation)]
+        # The denominator is the token count of the whole step, on every process: a token weighs the same
+        # wherever it sits.
+        tokens = self.accelerator.reduce(sum(count_target_tokens(b) for b in micro_batches), "sum")
+        world = self.accelerator.num_processes
+        step_loss = torch.zeros((), device=self.device)
+        self.model.train()
+        for i, batch in enumerate(micro_batches):
+            # Gradients are all-reduced only after the last micro-batch.
+            sync = self.accelerator.no_sync(self.model) if i < accumulation - 1 else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    loss = self.model(**batch, num_items_in_batch=tokens).loss  # sum of token losses / tokens
+                scaled = loss * world  # DDP averages gradients over processes; the global mean wants their sum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            step_loss += loss.detach()
+        return step_loss
+
+    # ------------------------------------------------------------------ the run
+
+    def train(self, resume_from_checkpoint: str | Path | bool | None = None) -> LoopResult:
+        args, accelerator = self.args, self.accelerator
+        if resume_from_checkpoint:
+            folder = latest_checkpoint(self.output_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+            if folder is None:
+                raise ValueError(f"--resume_from_checkpoint: no checkpoint-<step> folder in {self.output_dir} to resume from.")
+            self.load_state(folder)
+        writer = self._tensorboard()
+        main = accelerator.is_main_process
+        progress = tqdm(total=args.max_steps, initial=self.step, disable=args.disable_tqdm or not main, desc="training")
+        tokens_per_step = self.batches.global_size * args.gradient_accumulation_steps * len(self.batches.dataset[0]["input_ids"])
+        running_loss, logged_steps = torch.zeros((), device=self.device), 0
+        timed_seconds, timed_steps, skip = 0.0, 0, min(5, args.max_steps // 10)
+        last = time.perf_counter()
+        while self.step < args.max_steps:
+            loss, grad_norm = self.train_step()
+            running_loss += loss
+            logged_steps += 1
+            progress.update(1)
+            interrupted = False
+            if self.step % max(1, args.logging_steps) == 0 or self.step == args.max_steps:
+                mean_loss = accelerator.reduce(running_loss, "sum").item() / logged_steps  # global token mean per step
+                self._log({"step": self.step, "loss": mean_loss, "learning_rate": self.scheduler.get_last_lr()[0],
+                           "grad_norm": float(grad_norm)}, writer)
+                running_loss.zero_()
+                logged_steps = 0
+            if self.eval_dataset is not None and args.eval_steps and (self.step % args.eval_steps == 0 or self.step == args.max_steps):
+                self._log({"step": self.step, **{f"eval_{k}": v for k, v in self.evaluate().items()}}, writer)
+                interrupted = True
+            if str(args.save_strategy) in ("steps", "SaveStrategy.STEPS") and args.save_steps and self.step % int(args.save_steps) == 0:
+                self.save_state(self.output_dir / f"checkpoint-{self.step}")
+                interrupted = True
+            now = time.perf_counter()
+            # nanoGPT's per-iteration time: everything between two steps, except steps that also evaluated or saved.
+            if self.step > skip and not interrupted:
+                timed_seconds += now - last
+                timed_steps += 1
+            last = now
+        progress.close()
+        if writer is not None:
+            writer.close()
+        tokens_per_second = tokens_per_step * timed_steps / timed_seconds if timed_seconds > 0 else float("nan")
+        return LoopResult(history=self.history, tokens_per_second=tokens_per_second, steps=self.step)
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss, perplexity and bits per byte on the evaluation blocks (``hf_models.evaluation``)."""
+        model = self.accelerator.unwrap_model(self.model)
+        with self.autocast():
+            return evaluate_blocks(model, self.eval_dataset, self.byte_lengths, self.eval_batch_size)
+
+    # ------------------------------------------------------------------ records
+
+    def _tensorboard(self):
+        if not self.accelerator.is_main_process or importlib.util.find_spec("tensorboard") is None:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+
+    def _log(self, record: dict, writer) -> None:
+        self.history.append(record)
+        if not self.accelerator.is_main_process:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / METRICS_FILE, "a") as f:  # one line per record, flushed: a killed run keeps its log
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    writer.add_scalar(f"{'eval' if key.startswith('eval_') else 'train'}/{key.removeprefix('eval_')}", value, record["step"])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_state(self, folder: Path) -> None:
+        """Model, optimizer, scheduler, data position and every process's RNGs, atomically, without pickle."""
+        accelerator = self.accelerator
+        rng_states = gather_object([capture_rng_state()])  # one entry per process, in rank order
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(self.model)
+            state = {"step": self.step, "next_micro_batch": self.step * self.args.gradient_accumulation_steps,
+                     "scheduler": self.scheduler.state_dict(), "num_processes": accelerator.num_processes}
+
+            def write(tmp: Path) -> None:
+                save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # tied weights stored once
+                save_optimizer(self.optimizer, tmp)
+                save_rng_states(rng_states, tmp)
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+            save_folder_atomically(folder, write)
+        accelerator.wait_for_everyone()
+
+    def load_state(self, folder: Path) -> None:
+        """Continue exactly where ``save_state`` stopped (same number of processes)."""
+        state = json.loads((folder / STATE_FILE).read_text())
+        if state["num_processes"] != self.accelerator.num_processes:
+            raise ValueError(
+                f"{folder} was saved by {state['num_processes']} process(es); this run has {self.accelerator.num_processes}. "
+                f"Resume with the same number of processes (the data order and RNG streams are per process)."
+            )
+        load_model(self.accelerator.unwrap_model(self.model), str(folder / MODEL_FILE), device=str(self.device))
+        load_optimizer(self.optimizer, folder)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        restore_rng_state(*load_rng_state(folder, self.accelerator.process_index))
+        if self.accelerator.is_main_process:
+            # Records the killed run logged after this checkpoint are replayed by this run.
+            log = self.output_dir / METRICS_FILE
+            if log.exists():
+                kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+                log.write_text("".join(line + "\n" for line in kept))
+        self.history = []
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """The records of ``metrics.jsonl`` in ``output_dir``."""
+    path = Path(output_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+__all__ = ["LoopResult", "TrainingLoop", "count_target_tokens", "decay_parameter_groups", "read_metrics"]
