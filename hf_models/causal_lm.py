@@ -31,7 +31,10 @@ The forward contract
   so is any keyword the model does not know, instead of being passed on silently;
 * ``labels`` are the input ids themselves: the shift by one happens inside the loss, transformers'
   own ``ForCausalLM`` loss (``self.loss_function``), which takes ``num_items_in_batch`` so that
-  gradient accumulation averages over tokens, not over micro-batches.
+  gradient accumulation averages over tokens, not over micro-batches. ``shift_labels`` (targets
+  already shifted, as nanoGPT's random windows give them: all ``T`` positions predict) is a named
+  argument, not a ``**kwargs`` one, because ``Trainer`` drops every batch key the forward's
+  signature does not name.
 
 Bad input fails early with a message that names the field and the limit, instead of an
 ``IndexError`` from an embedding lookup.
@@ -263,6 +266,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -271,6 +275,8 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
+        if shift_labels is not None:
+            loss_kwargs["shift_labels"] = shift_labels
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -90,6 +90,7 @@ class BigramForCausalLM(BigramPreTrainedModel, GenerationMixin):
         past_key_values: RecurrentStateCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -98,6 +99,8 @@ class BigramForCausalLM(BigramPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
+        if shift_labels is not None:
+            loss_kwargs["shift_labels"] = shift_labels
         if output_hidden_states:
             raise ValueError(
                 "output_hidden_states=True is not supported by BigramForCausalLM: a bigram table maps each token straight "

@@ -16,6 +16,7 @@ training loop and swaps in a more expressive function from ids to logits.
 Run:
     python recipes/01_bigram.py                 # ~1-2 minutes on 2 CPU cores
     accelerate launch recipes/01_bigram.py
+    accelerate launch --config_file recipes/configs/multi_cpu.yaml recipes/01_bigram.py   # 2 CPU processes, one DDP job over gloo
     python recipes/01_bigram.py --help
 """
 

@@ -17,6 +17,7 @@ character model on the same held-out plays.
 Run:
     python recipes/02_ngram_mlp.py                 # ~3 minutes on 2 CPU cores
     accelerate launch recipes/02_ngram_mlp.py
+    accelerate launch --config_file recipes/configs/multi_cpu.yaml recipes/02_ngram_mlp.py   # 2 CPU processes, one DDP job over gloo
 """
 
 from __future__ import annotations

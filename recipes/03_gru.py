@@ -14,6 +14,7 @@ The tests prove the two equal ``torch.nn.GRU`` to 1e-5.
 Run:
     python recipes/03_gru.py                 # ~5 minutes on 2 CPU cores
     accelerate launch recipes/03_gru.py
+    accelerate launch --config_file recipes/configs/multi_cpu.yaml recipes/03_gru.py   # 2 CPU processes, one DDP job over gloo
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ Compare with nanoGPT's published CPU run (tiny-shakespeare, character level, 90/
 Run:
     python recipes/04_gpt.py                 # ~5 minutes on 2 CPU cores
     accelerate launch recipes/04_gpt.py
+    accelerate launch --config_file recipes/configs/multi_cpu.yaml recipes/04_gpt.py   # 2 CPU processes, one DDP job over gloo
 """
 
 from __future__ import annotations

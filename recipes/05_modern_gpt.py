@@ -16,6 +16,7 @@ a plain ``LlamaForCausalLM`` folder (tests/test_conversion.py proves the two equ
 Run:
     python recipes/05_modern_gpt.py          # ~5 minutes on 2 CPU cores
     accelerate launch recipes/05_modern_gpt.py
+    accelerate launch --config_file recipes/configs/multi_cpu.yaml recipes/05_modern_gpt.py   # 2 CPU processes, one DDP job over gloo
     python recipes/05_modern_gpt.py --dataset text --data_files ../shared/datasets/tinyshakespeare/input.txt \\
         --num_hidden_layers 4 --num_attention_heads 4 --hidden_size 128 --block_size 64 \\
         --per_device_train_batch_size 12 --max_steps 2000 --learning_rate 1e-3   # nanoGPT's CPU set-up, as in lesson 4

@@ -116,3 +116,20 @@ def test_kv_cache_lesson_times_every_cache_on_a_saved_model(tmp_path):
     assert results["machine"]["torch_threads"] == 1
     assert results["kv_cache_memory"]["bytes_per_token"] == 2 * 2 * 2 * 8 * 4  # k and v x layers x kv heads x head_dim x fp32
     assert (output_dir / "tokens_per_second.png").stat().st_size > 0
+
+
+def test_training_lesson_compares_the_hand_loop_with_trainer_and_saves_the_tuned_model(small_text_file, tmp_path):
+    """Lesson 7 with tiny settings: hand loop = Trainer, the tricks table, the tuned model saved with its card."""
+    extra = RECIPES["04_gpt"] + ["--compare_steps", "20", "--tricks_steps", "8"]
+    output_dir, card, stdout = run_recipe("07_training", extra, small_text_file, tmp_path)
+    results = json.loads((output_dir / "results.json").read_text())
+    compare = results["hand_loop_vs_trainer"]
+    assert compare["within_tolerance"] and compare["max_abs_difference"] <= 1e-4 and compare["steps"] == [10, 20]
+    assert compare["hand_loop_tokens_per_second"] > 0 and compare["trainer_tokens_per_second"] > 0
+    rows = results["tricks"]["rows"]
+    assert len(rows) == 5 and all(0 < row["validation_bits_per_byte"] < 16 for row in rows.values())
+    assert rows["activation checkpointing"]["activation_mib"] < rows["warm-up + cosine"]["activation_mib"]
+    assert rows["bf16 autocast"]["activation_mib"] < rows["warm-up + cosine"]["activation_mib"]
+    assert "validation" in results and results["train_steps"] == 4  # (--dataset text has no test split)
+    assert (output_dir / "training.png").stat().st_size > 0 and (output_dir / "tiny" / "model.safetensors").exists()
+    assert "hand loop vs Trainer" in stdout

@@ -125,6 +125,26 @@ def test_hand_loop_follows_the_trainer_loss_curve(tmp_path):
     assert ours[8] < ours[1]
 
 
+def test_trainer_and_hand_loop_train_every_position_of_random_windows(tmp_path):
+    """nanoGPT's windows carry pre-shifted targets; Trainer keeps them because forward names ``shift_labels``."""
+    from hf_models.data import RandomWindows
+
+    ids = torch.arange(4000) % VOCAB
+    windows = RandomWindows(ids, LENGTH, 32, seed=0)
+    args = loop_args(tmp_path, max_steps=4)
+    ours = TrainingLoop(build_tiny_model("zoo_gpt", VOCAB).train(), windows, args, shuffle=False).train().losses
+    trainer = Trainer(model=build_tiny_model("zoo_gpt", VOCAB).train(), args=args, train_dataset=windows)
+    trainer.train()
+    theirs = {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log}
+    assert ours == pytest.approx(theirs, abs=1e-6)
+    model = build_tiny_model("zoo_gpt", VOCAB)
+    batch = default_data_collator([windows[i] for i in range(4)])
+    with torch.no_grad():
+        all_positions = model(**batch).loss.item()
+        without_last = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item()
+    assert ours[1] == pytest.approx(all_positions, abs=1e-6) and abs(all_positions - without_last) > 1e-5
+
+
 def test_bf16_autocast_trains_on_cpu_and_fp16_asks_for_a_gpu(tmp_path):
     data = token_rows(32)
     fp32 = TrainingLoop(build_tiny_model("zoo_gpt", VOCAB), data, loop_args(tmp_path), shuffle=False).train().losses

@@ -8,16 +8,28 @@ values the lesson actually runs with.
 that would otherwise fail minutes later with a message naming something the user never typed
 (``num_samples``, a bare ``FileExistsError``): each error names the flag, the value and what is
 allowed.
+
+**Several processes.** ``accelerate launch --num_processes 2`` (or ``torchrun``) starts one copy
+of the recipe per process and tells each its rank through the environment (``WORLD_SIZE``,
+``RANK``). On a machine without a GPU, ``TrainingArguments`` joins them into one data-parallel
+job only when asked to run on the CPU (``use_cpu``: accelerate then opens a ``gloo`` process
+group); otherwise every copy trains its own model and they overwrite each other's output.
+``parse_lesson_args`` sets ``use_cpu`` for such a launch and refuses one whose processes did not
+join (:func:`check_launch`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,6 +126,59 @@ def check_output_dir(output_dir: str) -> None:
         )
 
 
+def launched_world_size() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``, set by ``accelerate launch`` and ``torchrun``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_launch(training_args: TrainingArguments) -> None:
+    """Refuse a multi-process launch whose processes did not join one data-parallel job.
+
+    Each process the launcher starts runs the whole recipe. If they do not form one process
+    group, nothing fails: each trains its own model on its own copy of the data, and all of them
+    write the same output folder. That happens on a CPU-only machine when ``TrainingArguments``
+    is not told to use the CPU (``--use_cpu false``): accelerate looks for GPUs to spread the
+    processes over, finds none, and falls back to one process per copy.
+
+    FSDP and DeepSpeed configs are refused on CPU processes: accelerate 1.15 turns a job into FSDP
+    or DeepSpeed only on accelerators (``AcceleratorState`` leaves a gloo ``MULTI_CPU`` job as it
+    is), so the job would run as plain DDP, every process holding the whole model, while its
+    config says the model is sharded. (torch itself can shard on CPUs: ``fully_shard`` over a
+    ``"cpu"`` device mesh runs over gloo; it is accelerate that does not route a CPU job there.)
+
+    accelerate 1.15's own CPU launch (``--cpu`` or a ``MULTI_CPU`` config) starts several
+    processes only through ``mpirun`` (``--mpirun_hostfile``); without it, it starts one and
+    ignores ``--num_processes``. That trains one correct model, so it is only a warning.
+
+    Raises:
+        RuntimeError: ``WORLD_SIZE`` > 1 but ``training_args.world_size`` is 1, or an FSDP or
+            DeepSpeed launch on CPU processes.
+    """
+    launched = launched_world_size()
+    if launched > 1 and training_args.world_size != launched:
+        raise RuntimeError(
+            f"The launcher started {launched} processes (WORLD_SIZE={launched}), but they did not join one "
+            f"data-parallel job (TrainingArguments.world_size={training_args.world_size}): each would train a "
+            f"separate model and overwrite the same --output_dir. On a machine without a GPU, drop "
+            f"--use_cpu false (the recipes set --use_cpu true for a multi-process launch, so that the "
+            f"processes join over gloo); on GPUs, check that every process sees one."
+        )
+    sharded = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"]
+    if launched > 1 and training_args.use_cpu and sharded:
+        raise RuntimeError(
+            f"This launch asks for {sharded[0].replace('DEEPSPEED', 'DeepSpeed')} on CPU processes (--use_cpu true), "
+            f"which accelerate 1.15 does not do: it would silently run plain DDP instead. Launch on GPUs, or use "
+            f"recipes/configs/multi_cpu.yaml for data-parallel training on CPUs."
+        )
+    asked_for_several = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in os.environ
+    if launched == 1 and asked_for_several and "PMI_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
+        logger.warning(
+            "accelerate launch --cpu started a single process: without --mpirun_hostfile, accelerate's CPU "
+            "launcher ignores --num_processes. For data-parallel training on CPU processes, launch with "
+            "--config_file recipes/configs/multi_cpu.yaml (torchrun, gloo)."
+        )
+
+
 def parse_lesson_args(
     model_arguments_type: type, defaults: dict, args: list[str] | None = None
 ) -> tuple[Any, DataArguments, LessonArguments, TrainingArguments]:
@@ -122,21 +187,39 @@ def parse_lesson_args(
     ``defaults`` may set fields of any of the four dataclasses (``HfArgumentParser`` shares one
     namespace). The training side is set up for lessons: no reporting integrations, no
     checkpoints (the lesson saves its finished folder itself), evaluation every ``eval_steps``.
+    ``--save_strategy steps --save_steps N`` turns checkpoints on, and ``--resume_from_checkpoint``
+    (a checkpoint folder, or ``true`` for the latest one in ``--output_dir``) continues from one.
     A model-arguments type with a ``sampling`` field (the decoder lessons) decides how
     ``--max_steps`` is checked; the others train on packed blocks. Seeds everything with ``--seed``.
+
+    On a machine without an accelerator ``--use_cpu`` defaults to true: several launched processes
+    then join one data-parallel job over gloo (see the module docstring), and ``--bf16`` autocasts on the CPU.
 
     Raises:
         ValueError: ``--max_steps`` or ``--output_dir`` that cannot work (see :func:`check_max_steps`
             and :func:`check_output_dir`).
+        RuntimeError: a multi-process launch whose processes would train separately (:func:`check_launch`).
     """
     parser = HfArgumentParser((model_arguments_type, DataArguments, LessonArguments, TrainingArguments))
     parser.set_defaults(
         report_to="none", save_strategy="no", eval_strategy="steps", logging_first_step=True,
-        dataloader_pin_memory=torch.cuda.is_available(), **defaults,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # Every parameter of a lesson's model gets a gradient at every step, so DDP need not walk
+        # the autograd graph looking for unused ones (transformers' default for a model without
+        # gradient checkpointing); a model that broke this would fail loudly at its second step.
+        ddp_find_unused_parameters=False,
+        # The periodic evaluation's targets. Trainer would otherwise take every forward argument
+        # named like a label, and the random windows' pre-shifted ``shift_labels`` are the same
+        # targets again, not a second set.
+        label_names=["labels"],
+        # Without an accelerator, say so: bf16 autocast on CPU and gloo DDP both need use_cpu.
+        use_cpu=not torch.accelerator.is_available(),
+        **defaults,
     )
     model_args, data_args, lesson_args, training_args = parser.parse_args_into_dataclasses(args=args)
     check_max_steps(training_args.max_steps, getattr(model_args, "sampling", "blocks"))
     check_output_dir(training_args.output_dir)
+    check_launch(training_args)
     lesson_args.push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     set_seed(training_args.seed)
     return model_args, data_args, lesson_args, training_args

@@ -5,6 +5,11 @@ hands back a :class:`LessonData`. Lessons 2-5 train the hand-written byte-level 
 the training split; training it takes a minute on the Shakespeare corpus, so the result is cached
 under ``hf_models.files.cache_dir`` keyed by a hash of the text and the vocabulary size, and every
 later run on the same text reuses it.
+
+Under several processes every rank runs this too, and the tokenizer and the packed blocks are
+written to a cache. So the main process of each machine prepares the data first, and the others
+wait, then read what it cached (``TrainingArguments.main_process_first``): nothing is trained or
+tokenized twice, and no two processes write the same cache file at once.
 """
 
 from __future__ import annotations
@@ -86,6 +91,20 @@ def prepare_lesson_data(
     if tokenizer_kind not in ("auto", "char", "bpe"):
         raise ValueError(f"tokenizer_kind (--tokenizer) must be one of ['auto', 'char', 'bpe'], got {tokenizer_kind!r}.")
     check_max_steps(training_args.max_steps, sampling)
+    with training_args.main_process_first(desc="preparing the lesson's data"):
+        # The other processes read what the main one just cached, even for lesson 2's timed retraining.
+        retrain_tokenizer = retrain_tokenizer and training_args.local_process_index == 0
+        return _prepare_lesson_data(data_args, training_args, tokenizer_kind, vocab_size, sampling, retrain_tokenizer)
+
+
+def _prepare_lesson_data(
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    tokenizer_kind: str,
+    vocab_size: int,
+    sampling: str,
+    retrain_tokenizer: bool,
+) -> LessonData:
     corpus = load_lesson_corpus(data_args)
     if tokenizer_kind == "auto":
         tokenizer_kind = "char" if data_args.dataset == "text" else "bpe"

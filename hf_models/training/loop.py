@@ -181,7 +181,8 @@ class TrainingLoop:
         self.precision = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         self.scaler = torch.amp.GradScaler(self.device.type) if args.fp16 else None
 
-        if args.gradient_checkpointing:
+        # transformers 5.24 renamed the flag to activation_checkpointing; either turns it on.
+        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             model.gradient_checkpointing_enable()
         self.eval_dataset, self.byte_lengths, self.eval_batch_size = eval_dataset, byte_lengths, eval_batch_size
         optimizer = torch.optim.AdamW(
@@ -189,7 +190,7 @@ class TrainingLoop:
             lr=args.learning_rate,
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
-            fused="fused" in str(args.optim),
+            fused=str(getattr(args.optim, "value", args.optim)) == "adamw_torch_fused",  # what Trainer builds for that name
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         min_lr = (args.lr_scheduler_kwargs or {}).get("min_lr", 0.0) if isinstance(args.lr_scheduler_kwargs, dict) else 0.0

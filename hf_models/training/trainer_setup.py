@@ -6,6 +6,20 @@ set-up, and the train-then-measure step every recipe runs.
 reports bits per byte through the same metric module as the final, whole-split measure
 (``hf_models.evaluation``), so the two numbers are comparable. Lesson 7 opens the loop that
 ``Trainer`` hides, in ``hf_models/training/loop.py``.
+
+**Several processes.** Under ``accelerate launch --num_processes N`` each process holds a full
+copy of the model, takes its own share of every global batch and averages gradients with the
+others before the step (DDP), so all copies stay equal. A global batch holds the same examples
+at any ``N``: ``Trainer``'s random sampler becomes accelerate's ``SeedableRandomSampler``, one
+permutation drawn from ``--seed`` that every process shares, and the per-device batches cut from
+it are dealt to the processes in turn (process ``r`` takes batches ``r, r + N, ...``). So
+``N`` processes at per-device batch ``B`` see, step for step, what one process sees at ``N x B``,
+and lose the same (tests/test_distributed.py). For random windows the dataset itself is already
+a seeded random draw of exactly ``max_steps`` global batches.
+
+**Checkpoints.** ``--save_strategy steps --save_steps K`` writes ``checkpoint-<step>`` folders
+in ``--output_dir``, and ``--resume_from_checkpoint <folder>`` (or ``true``: the latest one)
+continues from one, with the optimizer, scheduler, RNG states and the position in the data.
 """
 
 from __future__ import annotations
@@ -79,6 +93,14 @@ def build_trainer(
     return trainer, throughput
 
 
+def checkpoint_to_resume(resume_from_checkpoint: str | None) -> str | bool | None:
+    """``--resume_from_checkpoint`` as ``Trainer.train`` takes it: a folder, ``True`` (the latest
+    ``checkpoint-*`` in ``--output_dir``) for ``true``, or ``None`` (start afresh) for ``false``."""
+    if resume_from_checkpoint is None or resume_from_checkpoint.lower() in ("", "false"):
+        return None
+    return True if resume_from_checkpoint.lower() == "true" else resume_from_checkpoint
+
+
 def train_and_evaluate(
     model: torch.nn.Module, data: LessonData, training_args: TrainingArguments, data_args: DataArguments
 ) -> tuple[Trainer, dict]:
@@ -90,7 +112,7 @@ def train_and_evaluate(
     trainer, throughput = build_trainer(
         model, data.tokenizer, data.train_dataset, data.eval_dataset, training_args, data.byte_lengths, data_args.max_eval_blocks
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint_to_resume(training_args.resume_from_checkpoint))
     results = evaluate_splits(model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size, data_args.max_eval_tokens)
     args = training_args
     results.update(
