@@ -77,12 +77,12 @@ class TrainingLessonArguments(DecoderArguments):
 # lesson found. Every value can be overridden from the command line.
 TUNED_TRAINING = dict(
     DECODER_TRAINING_DEFAULTS,
-    max_steps=1400,
-    learning_rate=3e-3,
-    warmup_steps=50,
+    max_steps=2400,  # bf16 autocast trains ~1.8x the tokens/s here: 2.4x lesson 4's steps in under 5 minutes
+    learning_rate=2e-3,
+    warmup_steps=100,
     lr_scheduler_kwargs='{"min_lr": 1e-4}',
     bf16=True,
-    eval_steps=350,
+    eval_steps=600,
 )
 
 
