@@ -70,6 +70,14 @@ def take_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
     return past_key_values
 
 
+def take_loss_kwargs(kwargs: dict, shift_labels: torch.LongTensor | None) -> dict:
+    """The loss's keywords, taken out of ``kwargs`` before the rest is checked, plus ``shift_labels`` if given."""
+    loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
+    if shift_labels is not None:
+        loss_kwargs["shift_labels"] = shift_labels
+    return loss_kwargs
+
+
 def refuse_unknown_kwargs(model: nn.Module, kwargs: dict) -> None:
     """Raise on keyword arguments ``forward`` does not understand (after the known ones were taken out)."""
     for name in IGNORED_KWARGS:
@@ -126,6 +134,12 @@ class ZooPreTrainedModel(PreTrainedModel):
     def new_cache(self) -> Cache:
         """The cache a forward with ``use_cache=True`` creates when none is passed."""
         raise NotImplementedError
+
+    def causal_lm_loss(self, logits: torch.Tensor, labels: torch.LongTensor | None, loss_kwargs: dict) -> torch.Tensor | None:
+        """transformers' causal LM loss when ``labels`` are given (``loss_kwargs`` from :func:`take_loss_kwargs`)."""
+        if labels is None:
+            return None
+        return self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
 
     def check_input_ids(self, input_ids: torch.LongTensor, past_length: int = 0) -> None:
         """Fail with a clear message on ids outside the vocabulary."""
@@ -246,9 +260,6 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         finally:
             _BUILDING_INSIDE_CAUSAL_LM.reset(token)
 
-    def new_cache(self) -> Cache:
-        return self.model.new_cache()
-
     def save_pretrained(self, save_directory, *args, **kwargs):
         # A folder loads its backbone alone through `AutoModel` too, also with trust_remote_code.
         backbone = type(self.model)
@@ -274,9 +285,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
-        if shift_labels is not None:
-            loss_kwargs["shift_labels"] = shift_labels
+        loss_kwargs = take_loss_kwargs(kwargs, shift_labels)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -289,9 +298,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         logits = self.lm_head(keep_last_positions(outputs.last_hidden_state, logits_to_keep))  # (B, T, C) -> (B, T, V)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        loss = self.causal_lm_loss(logits, labels, loss_kwargs)
         output = self.causal_lm_output(loss, logits, outputs)
         return output if return_dict is not False else output.to_tuple()
 
@@ -311,4 +318,5 @@ __all__ = [
     "has_padding",
     "keep_last_positions",
     "take_cache",
+    "take_loss_kwargs",
 ]

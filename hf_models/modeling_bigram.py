@@ -20,7 +20,7 @@ from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .causal_lm import CACHE_FIELD, LOSS_KWARGS, ZooPreTrainedModel, keep_last_positions
+from .causal_lm import CACHE_FIELD, ZooPreTrainedModel, keep_last_positions, take_loss_kwargs
 from .configuration_bigram import BigramConfig
 from .recurrent_cache import RecurrentStateCache
 
@@ -98,9 +98,7 @@ class BigramForCausalLM(BigramPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
-        if shift_labels is not None:
-            loss_kwargs["shift_labels"] = shift_labels
+        loss_kwargs = take_loss_kwargs(kwargs, shift_labels)
         if output_hidden_states:
             raise ValueError(
                 "output_hidden_states=True is not supported by BigramForCausalLM: a bigram table maps each token straight "
@@ -113,9 +111,7 @@ class BigramForCausalLM(BigramPreTrainedModel, GenerationMixin):
             logits = keep_last_positions(inputs_embeds, logits_to_keep)  # rows of the table are logits
         if cache is not None:
             cache.advance(seq_len)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        loss = self.causal_lm_loss(logits, labels, loss_kwargs)
         output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
         return output if return_dict is not False else output.to_tuple()
 

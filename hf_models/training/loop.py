@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +66,7 @@ from .loop_state import (
     save_rng_states,
 )
 from .schedule import WarmupCosineSchedule
+from .throughput import StepClock
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -260,8 +260,9 @@ class TrainingLoop:
         progress = tqdm(total=args.max_steps, initial=self.step, disable=args.disable_tqdm or not main, desc="training")
         tokens_per_step = self.batches.global_size * args.gradient_accumulation_steps * len(self.batches.dataset[0]["input_ids"])
         running_loss, logged_steps = torch.zeros((), device=self.device), 0
-        timed_seconds, timed_steps, skip = 0.0, 0, min(5, args.max_steps // 10)
-        last = time.perf_counter()
+        # nanoGPT's per-iteration time: everything between two steps, except steps that also evaluated or saved.
+        clock = StepClock(tokens_per_step, skip_first_steps=min(5, args.max_steps // 10))
+        clock.start()
         while self.step < args.max_steps:
             loss, grad_norm = self.train_step()
             running_loss += loss
@@ -280,17 +281,11 @@ class TrainingLoop:
             if str(args.save_strategy) in ("steps", "SaveStrategy.STEPS") and args.save_steps and self.step % int(args.save_steps) == 0:
                 self.save_state(self.output_dir / f"checkpoint-{self.step}")
                 interrupted = True
-            now = time.perf_counter()
-            # nanoGPT's per-iteration time: everything between two steps, except steps that also evaluated or saved.
-            if self.step > skip and not interrupted:
-                timed_seconds += now - last
-                timed_steps += 1
-            last = now
+            clock.step_done(interrupted)
         progress.close()
         if writer is not None:
             writer.close()
-        tokens_per_second = tokens_per_step * timed_steps / timed_seconds if timed_seconds > 0 else float("nan")
-        return LoopResult(history=self.history, tokens_per_second=tokens_per_second, steps=self.step)
+        return LoopResult(history=self.history, tokens_per_second=clock.tokens_per_second, steps=self.step)
 
     def evaluate(self) -> dict[str, float]:
         """Loss, perplexity and bits per byte on the evaluation blocks (``hf_models.evaluation``)."""
