@@ -21,12 +21,15 @@ from .configuration_bigram import BigramConfig
 from .configuration_gpt import GPTConfig
 from .configuration_gru import GRULMConfig
 from .configuration_modern import ModernDecoderConfig
+from .configuration_moe import MoEDecoderConfig
 from .configuration_ngram_mlp import NGramMLPConfig
 from .modeling_bigram import BigramForCausalLM
 from .modeling_gpt import GPTForCausalLM, GPTModel
 from .modeling_gru import GRULMForCausalLM, GRULMModel
 from .modeling_modern import ModernDecoderForCausalLM, ModernDecoderModel
+from .modeling_moe import MoEDecoderForCausalLM, MoEDecoderModel
 from .modeling_ngram_mlp import NGramMLPForCausalLM, NGramMLPModel
+from .quantization_int8 import ZooInt8Config
 
 __version__ = "0.1.0"
 
@@ -39,6 +42,7 @@ MODEL_REGISTRY: dict[str, tuple[type, type]] = {
     GRULMConfig.model_type: (GRULMConfig, GRULMForCausalLM),
     GPTConfig.model_type: (GPTConfig, GPTForCausalLM),
     ModernDecoderConfig.model_type: (ModernDecoderConfig, ModernDecoderForCausalLM),
+    MoEDecoderConfig.model_type: (MoEDecoderConfig, MoEDecoderForCausalLM),
 }
 
 
@@ -72,7 +76,11 @@ __all__ = [
     "ModernDecoderConfig",
     "ModernDecoderForCausalLM",
     "ModernDecoderModel",
+    "MoEDecoderConfig",
+    "MoEDecoderForCausalLM",
+    "MoEDecoderModel",
     "NGramMLPConfig",
     "NGramMLPForCausalLM",
     "NGramMLPModel",
+    "ZooInt8Config",
 ]

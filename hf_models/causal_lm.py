@@ -50,6 +50,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+# Registers lesson 9's "zoo_int8" quantizer with transformers on import: every saved zoo folder
+# carries it, so a folder saved quantized reloads quantized under trust_remote_code too.
+from .quantization_int8 import ZooInt8Config  # noqa: F401
+
 # The output field the installed transformers names the cache (see the module docstring).
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 

@@ -24,6 +24,10 @@ TINY_CONFIGS: dict[str, dict] = {
     "zoo_gru": dict(hidden_size=16, num_hidden_layers=2),
     "zoo_gpt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
     "zoo_modern": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "zoo_moe": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=3,  # k=3 of 4: every expert sees tokens, so LoRA on each gets a gradient in the matrix
+    ),
 }
 
 TINY_TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"

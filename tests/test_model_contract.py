@@ -18,14 +18,15 @@ import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig, pipeline
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, MoeModelOutputWithPast
 
 import hf_models
 from tests.helpers import TINY_TEXT, build_tiny_model
 
 MODEL_TYPES = sorted(hf_models.MODEL_REGISTRY)
 BACKBONE_TYPES = [t for t in MODEL_TYPES if hf_models.MODEL_REGISTRY[t][1].base_model_class is not None]
-ATTENTION_TYPES = ["zoo_gpt", "zoo_modern"]
+# Every decoder of the registry (lesson 10's mixture of experts joins by registering).
+ATTENTION_TYPES = [t for t in MODEL_TYPES if issubclass(hf_models.MODEL_REGISTRY[t][1], hf_models.decoder.DecoderForCausalLM)]
 
 
 def sample_ids(tokenizer, batch: int = 2) -> torch.LongTensor:
@@ -58,7 +59,7 @@ def test_automodel_loads_the_backbone_whose_hidden_states_give_the_logits(model_
     ids = sample_ids(tiny_tokenizer)
     with torch.no_grad():
         outputs = backbone(input_ids=ids, use_cache=False)
-        assert isinstance(outputs, BaseModelOutputWithPast)
+        assert isinstance(outputs, (BaseModelOutputWithPast, MoeModelOutputWithPast))  # the MoE backbone: as Mixtral's
         assert outputs.last_hidden_state.shape[:2] == ids.shape
         torch.testing.assert_close(model.lm_head(outputs.last_hidden_state), model(ids).logits, rtol=0, atol=0)
 
@@ -259,8 +260,11 @@ def test_bitsandbytes_loads_and_runs_pipeline(model_type, quantization, saved_fo
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**quantization), device_map="cpu")
     quantized = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
     layer = model.model.layers[0]
-    assert isinstance(layer.self_attn.o_proj, quantized) and isinstance(layer.mlp.down_proj, quantized)
+    down_projs = [m for name, m in layer.mlp.named_modules() if name.endswith("down_proj")]  # an MoE has one per expert
+    assert isinstance(layer.self_attn.o_proj, quantized) and down_projs and all(isinstance(m, quantized) for m in down_projs)
     assert type(model.lm_head) is torch.nn.Linear  # the head stays in full precision
+    ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, do_sample=False)
+    assert ids.shape == (1, 9)
     text = pipeline("text-generation", model=model, tokenizer=str(folder))("ROMEO:\n", max_new_tokens=8, do_sample=False)
     assert text[0]["generated_text"].startswith("ROMEO:\n") and len(text[0]["generated_text"]) > len("ROMEO:\n")
 

@@ -23,6 +23,8 @@ RECIPES = {
     "03_gru": ["--vocab_size", "300", "--hidden_size", "32", "--block_size", "32"],
     "04_gpt": ["--tokenizer", "bpe", "--vocab_size", "300", "--hidden_size", "32", "--num_hidden_layers", "2", "--block_size", "32"],
     "05_modern_gpt": ["--tokenizer", "bpe", "--vocab_size", "300", "--hidden_size", "32", "--num_hidden_layers", "2", "--block_size", "32"],
+    "10_moe": ["--tokenizer", "bpe", "--vocab_size", "300", "--hidden_size", "32", "--num_hidden_layers", "2", "--block_size", "32",
+               "--num_local_experts", "4", "--expert_intermediate_size", "32", "--load_every", "2", "--timing_rounds", "2"],
 }
 
 
@@ -76,6 +78,17 @@ def test_recipe_runs_and_saves_a_complete_folder(name, small_text_file, tmp_path
     if name in ("04_gpt", "05_modern_gpt"):
         export = json.loads((output_dir / f"tiny-{'gpt2' if name == '04_gpt' else 'llama'}" / "config.json").read_text())
         assert export["model_type"] == ("gpt2" if name == "04_gpt" else "llama") and "auto_map" not in export
+
+    if name == "10_moe":  # three runs side by side, the expert load plotted, the timing against Mixtral
+        runs = results["runs"]
+        assert set(runs) == {"dense", "MoE + balancing loss", "MoE, no balancing loss"}
+        assert runs["dense"]["active_parameters"] < runs["MoE + balancing loss"]["active_parameters"] < results["parameters"]
+        assert all(0 < run["validation"]["bits_per_byte"] < 16 and run["train_tokens_per_second"] > 0 for run in runs.values())
+        load = runs["MoE + balancing loss"]["expert_load"]
+        assert sorted(int(step) for step in load) == [2, 4] and all(abs(sum(row) - 1) < 1e-9 for row in load["4"])
+        timing = results["training_step_timing"]
+        assert timing["fp32_logits_gap_moe_vs_mixtral"] < 1e-4 and timing["moe_vs_mixtral"]["median"] > 0
+        assert (output_dir / "expert_load.png").stat().st_size > 0
 
 
 def test_recipe_runs_under_accelerate_launch(small_text_file, tmp_path):
@@ -133,3 +146,45 @@ def test_training_lesson_compares_the_hand_loop_with_trainer_and_saves_the_tuned
     assert "validation" in results and results["train_steps"] == 4  # (--dataset text has no test split)
     assert (output_dir / "training.png").stat().st_size > 0 and (output_dir / "tiny" / "model.safetensors").exists()
     assert "hand loop vs Trainer" in stdout
+
+
+def test_quantization_lesson_compares_every_int8_variant_and_saves_a_quantized_folder(small_text_file, tmp_path):
+    """Lesson 9 with tiny settings on a small trained-shape model: the seven-row table, the outlier
+    story, and an int8 folder that reloads quantized."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
+    from hf_models.int8 import Int8Linear
+    from hf_models.tokenization import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(small_text_file.read_text())
+    config = ModernDecoderConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64)  # bitsandbytes' CPU NF4 needs width >= 64
+    ModernDecoderForCausalLM(config).save_pretrained(tmp_path / "lesson5")
+    tokenizer.save_pretrained(tmp_path / "lesson5")
+    output_dir = tmp_path / "run"
+    command = [sys.executable, str(REPO / "recipes" / "09_quantization.py"), "--model", str(tmp_path / "lesson5"),
+               "--dataset", "text", "--data_files", str(small_text_file), "--output_dir", str(output_dir),
+               "--max_eval_tokens", "400", "--prompts", "2", "--prompt_tokens", "8", "--new_tokens", "4", "--rounds", "1",
+               "--layer_width", "64"]
+    result = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+    results = json.loads((output_dir / "results.json").read_text())
+    rows = results["results"]
+    assert set(rows) == {"fp32", "bf16", "hand int8 weight-only", "hand LLM.int8()", "hand W8A8", "bitsandbytes int8", "bitsandbytes NF4"}
+    fp32 = rows["fp32"]
+    for name, row in rows.items():
+        assert 0 < row["bits_per_byte"] < 16 and 0 <= row["greedy_agreement"] <= 1
+        assert row["tokens_per_second_batch1"] > 0 and row["speed_vs_fp32_batch2"]["median"] > 0
+    assert fp32["greedy_agreement"] == 1 and rows["hand int8 weight-only"]["linear_weight_bytes"] < 0.3 * fp32["linear_weight_bytes"]
+    assert set(results["single_layer_speed_vs_fp32"]["1"]) == set(rows) - {"bitsandbytes NF4"}
+    assert results["outliers"]["injected"]["llm_int8"] < results["outliers"]["injected"]["absmax_int8"]
+    assert isinstance(results["llama_cpp_q8_0"], (dict, str))
+    assert "llama.cpp Q8_0" in result.stdout and "outliers in this model" in result.stdout
+
+    folder = Path(results["int8_folder"])
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] == "zoo_int8"
+    assert "## Limitations" in (folder / "README.md").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert isinstance(reloaded.model.layers[0].mlp.down_proj, Int8Linear)

@@ -8,5 +8,9 @@ folder lets any tool that serves those architectures serve what a lesson trained
 from .export import SERVING_CONVERTERS, export_for_serving
 from .gpt2 import gpt2_to_gpt, gpt_to_gpt2
 from .llama import llama_to_modern, modern_to_llama
+from .mixtral import mixtral_to_moe, moe_to_mixtral
 
-__all__ = ["SERVING_CONVERTERS", "export_for_serving", "gpt2_to_gpt", "gpt_to_gpt2", "llama_to_modern", "modern_to_llama"]
+__all__ = [
+    "SERVING_CONVERTERS", "export_for_serving", "gpt2_to_gpt", "gpt_to_gpt2", "llama_to_modern", "mixtral_to_moe", "modern_to_llama",
+    "moe_to_mixtral",
+]

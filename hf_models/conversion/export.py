@@ -12,15 +12,18 @@ from transformers import PreTrainedModel
 from ..files import save_folder_atomically
 from ..modeling_gpt import GPTForCausalLM
 from ..modeling_modern import ModernDecoderForCausalLM
+from ..modeling_moe import MoEDecoderForCausalLM
 from ..tokenization import tokenizer_for_saving
 from .gpt2 import gpt_to_gpt2
 from .llama import modern_to_llama
+from .mixtral import moe_to_mixtral
 
 # zoo model class -> converter to the transformers class that serves it. A new exportable model
 # joins by adding its line.
 SERVING_CONVERTERS: dict[type[nn.Module], Callable[[nn.Module], PreTrainedModel]] = {
     GPTForCausalLM: gpt_to_gpt2,
     ModernDecoderForCausalLM: modern_to_llama,
+    MoEDecoderForCausalLM: moe_to_mixtral,
 }
 
 

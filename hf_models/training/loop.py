@@ -231,7 +231,7 @@ class TrainingLoop:
         micro_batches = [{k: v.to(self.device) for k, v in self.batches[first + i].items()} for i in range(accumulation)]
         # The denominator is the token count of the whole step, on every process: a token weighs the same
         # wherever it sits.
-        tokens = self.accelerator.reduce(sum(count_target_tokens(b) for b in micro_batches), "sum")
+        tokens = self.accelerator.reduce(sum(self.count_items(b) for b in micro_batches), "sum")
         world = self.accelerator.num_processes
         step_loss = torch.zeros((), device=self.device)
         self.model.train()
@@ -240,11 +240,26 @@ class TrainingLoop:
             sync = self.accelerator.no_sync(self.model) if i < accumulation - 1 else contextlib.nullcontext()
             with sync:
                 with self.autocast():
-                    loss = self.model(**batch, num_items_in_batch=tokens).loss  # sum of token losses / tokens
+                    loss = self.compute_loss(batch, num_items_in_batch=tokens)  # sum of token losses / tokens
                 scaled = loss * world  # DDP averages gradients over processes; the global mean wants their sum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             step_loss += loss.detach()
         return step_loss
+
+    # The three seams a loop with another objective overrides (lesson 11's DPO loop counts preference
+    # pairs, not tokens, and scores a policy against a reference).
+
+    def count_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the step's loss is averaged over, in one micro-batch: target tokens for language modelling."""
+        return count_target_tokens(batch)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's summed loss divided by ``num_items_in_batch``, the whole step's item count."""
+        return self.model(**batch, num_items_in_batch=num_items_in_batch).loss
+
+    def tokens_per_example(self) -> float:
+        """Tokens one training example puts through the model, for tokens/s."""
+        return len(self.batches.dataset[0]["input_ids"])
 
     # ------------------------------------------------------------------ the run
 
@@ -258,7 +273,7 @@ class TrainingLoop:
         writer = self._tensorboard()
         main = accelerator.is_main_process
         progress = tqdm(total=args.max_steps, initial=self.step, disable=args.disable_tqdm or not main, desc="training")
-        tokens_per_step = self.batches.global_size * args.gradient_accumulation_steps * len(self.batches.dataset[0]["input_ids"])
+        tokens_per_step = self.batches.global_size * args.gradient_accumulation_steps * self.tokens_per_example()
         running_loss, logged_steps = torch.zeros((), device=self.device), 0
         # nanoGPT's per-iteration time: everything between two steps, except steps that also evaluated or saved.
         clock = StepClock(tokens_per_step, skip_first_steps=min(5, args.max_steps // 10))
