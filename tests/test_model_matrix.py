@@ -17,6 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator, pipeline
 
 import hf_models
+from hf_models.adapters import LoRAConfig, apply_lora, lora_layers
 from hf_models.tokenization import check_tokenizer_matches_model
 from tests.helpers import TINY_CONFIGS, TINY_TEXT, build_tiny_model
 
@@ -130,8 +131,20 @@ def with_lora(model: torch.nn.Module) -> torch.nn.Module:
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(model), init_lora_weights=False))
 
 
+def with_hand_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Lesson 8's hand-written LoRA on the same layers, both factors random so the adapters change the function."""
+    if model.config.model_type == "zoo_gru":
+        model.config.gru_implementation = "eager"
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, target_modules=lora_targets(model)))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for factor in (layer.lora_A, layer.lora_B):
+                torch.nn.init.normal_(factor if isinstance(factor, torch.nn.Parameter) else factor.weight, std=0.1)
+    return model
+
+
 # name -> (model -> the model a user runs). Lessons 8 (adapters) and 9 (quantization) add theirs here.
-VARIANTS = {"base": lambda model: model, "lora": with_lora}
+VARIANTS = {"base": lambda model: model, "lora": with_lora, "hand_lora": with_hand_lora}
 
 
 @pytest.fixture(params=sorted(VARIANTS))

@@ -15,6 +15,15 @@ from .corpora import (
     load_corpus,
     play_markdown_to_text,
 )
+from .instructions import (
+    CHAT_TEMPLATE,
+    add_chat_template,
+    build_instruction_dataset,
+    build_preference_dataset,
+    load_instruction_data,
+    load_preference_data,
+    score_next_lines,
+)
 from .windows import RandomWindows
 from .packing import (
     GROUP_BATCH_SIZE,
@@ -26,6 +35,13 @@ from .packing import (
 )
 
 __all__ = [
+    "CHAT_TEMPLATE",
+    "add_chat_template",
+    "build_instruction_dataset",
+    "build_preference_dataset",
+    "load_instruction_data",
+    "load_preference_data",
+    "score_next_lines",
     "RandomWindows",
     "CORPORA",
     "GROUP_BATCH_SIZE",

@@ -1,0 +1,195 @@
+"""Lesson 8's hand-written LoRA (hf_models/adapters) proven against peft on identical weights."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import hf_models
+from hf_models.adapters import (
+    LoRAConfig,
+    LoRAEmbedding,
+    LoRALinear,
+    apply_lora,
+    load_lora,
+    lora_layers,
+    lora_to_peft,
+    merge_lora,
+    save_lora,
+    trainable_parameters,
+)
+from tests.helpers import build_tiny_model
+
+VOCAB = 97
+# Every model type with linear layers (the bigram table has none: its LoRA is on the embedding).
+LINEAR_MODEL_TYPES = [t for t in sorted(hf_models.MODEL_REGISTRY) if t != "zoo_bigram"]
+
+
+def ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.LongTensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def randomise(model: torch.nn.Module) -> None:
+    """Non-zero A and B in every hand adapter, so the update is visible."""
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for factor in (layer.lora_A, layer.lora_B):
+                torch.nn.init.normal_(factor if isinstance(factor, torch.nn.Parameter) else factor.weight, std=0.2)
+
+
+def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def copy_peft_factors_into(hand: torch.nn.Module, peft_model: torch.nn.Module) -> int:
+    """Copy peft's A/B (adapter "default") into the hand adapters of the same modules; returns how many."""
+    peft_state = peft_model.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for name, layer in lora_layers(hand):
+            prefix = f"base_model.model.{name}"
+            if isinstance(layer, LoRALinear):
+                layer.lora_A.weight.copy_(peft_state[f"{prefix}.lora_A.default.weight"])
+                layer.lora_B.weight.copy_(peft_state[f"{prefix}.lora_B.default.weight"])
+            else:
+                layer.lora_A.copy_(peft_state[f"{prefix}.lora_embedding_A.default"])
+                layer.lora_B.copy_(peft_state[f"{prefix}.lora_embedding_B.default"])
+            copied += 1
+    return copied
+
+
+@pytest.mark.parametrize(
+    "model_type, targets",
+    [
+        ("zoo_gpt", ["qkv_proj", "o_proj", "up_proj", "down_proj"]),  # fused q/k/v: one adapter for the three
+        ("zoo_modern", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        ("zoo_bigram", ["lm_head"]),  # the table is an nn.Embedding
+    ],
+)
+def test_same_factors_give_peft_outputs(model_type, targets):
+    base = build_tiny_model(model_type, VOCAB)
+    if model_type == "zoo_bigram":
+        targets = [name for name, m in base.named_modules() if isinstance(m, torch.nn.Embedding)]
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False))
+    hand = apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, alpha=12, target_modules=targets, exclude_modules=[]))
+    peft_adapters = [k for k in peft_model.state_dict() if k.endswith(("lora_A.default.weight", "lora_embedding_A.default"))]
+    assert copy_peft_factors_into(hand, peft_model) == len(peft_adapters) > 0
+    x = ids()
+    assert not torch.allclose(logits(hand, x), logits(base, x), atol=1e-3)  # the adapters do change the function
+    torch.testing.assert_close(logits(hand, x), logits(peft_model, x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", LINEAR_MODEL_TYPES)
+def test_all_linear_adapts_what_peft_adapts(model_type):
+    base = build_tiny_model(model_type, VOCAB)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear"))
+    hand = apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, target_modules="all-linear"))
+    peft_adapted = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    assert sorted(name for name, _ in lora_layers(hand)) == peft_adapted
+    assert trainable_parameters(hand) == tuple(peft_model.get_nb_trainable_parameters())
+
+
+def test_initialisation_follows_the_paper():
+    base = build_tiny_model("zoo_modern", VOCAB)
+    hand = apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, alpha=8, target_modules=["q_proj"]))
+    x = ids()
+    torch.testing.assert_close(logits(hand, x), logits(base, x), atol=0, rtol=0)  # B = 0: starts as the base
+    layer = hand.model.layers[0].self_attn.q_proj
+    bound = 1 / math.sqrt(layer.base.in_features)  # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
+    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.std() > bound / 4
+    assert all(not p.requires_grad for n, p in hand.named_parameters() if "lora_" not in n)
+    assert all(p.requires_grad for n, p in hand.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("model_type", ["zoo_modern", "zoo_bigram"])
+def test_merge_equals_unmerged_and_unmerge_restores(model_type):
+    base = build_tiny_model(model_type, VOCAB)
+    targets = "all-linear"
+    if model_type == "zoo_bigram":
+        targets = [name for name, m in base.named_modules() if isinstance(m, torch.nn.Embedding)]
+    hand = apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, alpha=8, target_modules=targets))
+    randomise(hand)
+    x = ids()
+    unmerged = logits(hand, x)
+    weights = {n: p.clone() for n, p in hand.named_parameters() if "lora_" not in n}
+    for _, layer in lora_layers(hand):
+        layer.merge()
+    torch.testing.assert_close(logits(hand, x), unmerged, atol=1e-5, rtol=0)
+    for _, layer in lora_layers(hand):
+        layer.unmerge()
+    for name, parameter in hand.named_parameters():
+        if name in weights:
+            torch.testing.assert_close(parameter, weights[name], atol=1e-6, rtol=0)
+    merged = merge_lora(hand)
+    assert not any(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, x), unmerged, atol=1e-5, rtol=0)
+
+
+def test_hand_trained_adapter_loads_in_peft_and_alone(tmp_path, tiny_tokenizer):
+    """Train a few steps by hand; the adapter converts to peft's format and reloads there, and alone."""
+    base = build_tiny_model("zoo_modern", len(tiny_tokenizer))
+    base.save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base").train()
+    apply_lora(model, LoRAConfig(rank=4, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.tensor([tiny_tokenizer.encode("ROMEO:\nBut soft, what light through yonder window breaks?")])
+    for _ in range(3):
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    expected = logits(model, x)
+
+    peft_folder = lora_to_peft(model, tmp_path / "peft", base_model_name_or_path=str(tmp_path / "base"))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(peft_folder)).eval()
+    torch.testing.assert_close(logits(peft_model, x), expected, atol=1e-6, rtol=0)
+
+    save_lora(model, tmp_path / "hand")
+    assert sum(f.stat().st_size for f in (tmp_path / "hand").iterdir()) < 20_000  # kilobytes, not the model
+    reloaded = load_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "hand").eval()
+    torch.testing.assert_close(logits(reloaded, x), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", LINEAR_MODEL_TYPES)
+def test_peft_merge_and_unload_saves_and_reloads(model_type, tmp_path):
+    base = build_tiny_model(model_type, VOCAB)
+    if model_type == "zoo_gru":
+        base.config.gru_implementation = "eager"  # the fused kernel would bypass the adapters
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    x = ids()
+    adapted = logits(peft_model, x)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is hf_models.MODEL_REGISTRY[model_type][1]
+    torch.testing.assert_close(logits(reloaded, x), adapted, atol=1e-5, rtol=0)
+
+
+def test_recipe_lora_config_raises_no_tied_weight_warning():
+    """peft warns when LoRA touches the tied embedding / LM head; lesson 8's targets leave it alone."""
+    model = build_tiny_model("zoo_modern", VOCAB)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    assert not [w for w in caught if "tie" in str(w.message).lower()]
+
+
+def test_bad_lora_input_is_named():
+    model = build_tiny_model("zoo_modern", VOCAB)
+    with pytest.raises(ValueError, match=r"target_modules=\['qkv'\] matches no nn.Linear.*q_proj"):
+        apply_lora(model, LoRAConfig(target_modules=["qkv"]))
+    with pytest.raises(ValueError, match=r"rank must be a positive integer, got 0"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
+        LoRAConfig(dropout=1.5)
+    with pytest.raises(ValueError, match=r"lm_head shares its weight with model.embed_tokens"):
+        apply_lora(build_tiny_model("zoo_modern", VOCAB), LoRAConfig(target_modules=["lm_head"], exclude_modules=[]))
+    with pytest.raises(ValueError, match="no adapters to save"):
+        save_lora(model, "unused")
