@@ -188,3 +188,93 @@ def test_quantization_lesson_compares_every_int8_variant_and_saves_a_quantized_f
     assert "## Limitations" in (folder / "README.md").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     assert isinstance(reloaded.model.layers[0].mlp.down_proj, Int8Linear)
+
+
+def test_dpo_lesson_trains_with_trl_and_the_hand_loop_and_saves_the_aligned_model(tmp_path):
+    """Lesson 11 with tiny settings from a tiny saved SFT model: a missing SFT model is refused with the
+    recipe to run; both trainers train on the same pairs and their held-out curves agree; the
+    before/after table, the plot, tokens/s and a folder that loads and generates."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
+    from hf_models.data import add_chat_template
+    from hf_models.tokenization import build_char_tokenizer
+
+    tokenizer = add_chat_template(build_char_tokenizer(load_corpus("shakespeare")["train"][0]["text"]))
+    sft = tmp_path / "sft"
+    config = ModernDecoderConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=256)
+    ModernDecoderForCausalLM(config).save_pretrained(sft)
+    tokenizer.save_pretrained(sft)
+    recipe = [sys.executable, str(REPO / "recipes" / "11_dpo.py")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+    missing = subprocess.run(recipe + ["--sft_model", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "x")],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "recipes/08_lora_sft.py" in missing.stderr
+
+    output_dir = tmp_path / "run"
+    command = recipe + ["--sft_model", str(sft), "--output_dir", str(output_dir), "--card_copy", str(tmp_path / "card.md"),
+                        "--max_steps", "4", "--eval_steps", "2", "--logging_steps", "2", "--per_device_train_batch_size", "2",
+                        "--max_length", "256", "--max_eval_pairs", "8", "--curve_eval_pairs", "4", "--max_eval_tokens", "1500",
+                        "--timing_rounds", "1", "--sample_tokens", "8", "--disable_tqdm", "true", "--model_name", "tiny"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+    results = json.loads((output_dir / "results.json").read_text())
+    for row in ("before", "after_trl", "after_hand"):
+        assert {"rewards/accuracies", "rewards/margins", "likelihood_accuracy", "loss"} <= set(results[row])
+        assert 0 < results[row]["held_out_text"]["test"]["bits_per_byte"] < 16
+    assert results["before"]["rewards/margins"] == 0  # the SFT model is its own reference
+    assert results["after_hand"]["rewards/margins"] != 0
+    assert results["curves_max_margin_difference"] < 1e-4  # same pairs, same order: the two trainers agree
+    assert results["tokens_per_second"]["trl"] > 0 and results["tokens_per_second"]["hand"] > 0
+    assert (output_dir / "dpo_curves.png").stat().st_size > 0
+    assert "reward accuracy" in (tmp_path / "card.md").read_text() and isinstance(results["sample"], str)
+    AutoModelForCausalLM.from_pretrained(output_dir / "tiny")
+
+
+def test_lora_sft_lesson_fine_tunes_with_trl_and_by_hand(small_text_file, tmp_path):
+    """Lesson 8 with tiny settings: base, trl + peft and hand LoRA scored side by side; the hand adapter is
+    saved alone, converted to peft's format (which reloads to the merged model's logits) and merged into a folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
+    from hf_models.data import build_instruction_dataset
+    from hf_models.tokenization import build_char_tokenizer
+
+    conversations = build_instruction_dataset(max_rows=40)
+    text = "<user>\n<line>\n" + "\n".join(m["content"] for split in conversations.values() for ms in split["messages"] for m in ms)
+    tokenizer = build_char_tokenizer(text)
+    config = ModernDecoderConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id)
+    ModernDecoderForCausalLM(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    output_dir = tmp_path / "run"
+    command = [sys.executable, str(REPO / "recipes" / "08_lora_sft.py"), "--base_model", str(tmp_path / "base"),
+               "--dataset", "text", "--data_files", str(small_text_file), "--output_dir", str(output_dir), "--model_name", "tiny",
+               "--card_copy", str(tmp_path / "card.md"), "--max_steps", "3", "--per_device_train_batch_size", "2", "--max_length", "256",
+               "--eval_rows", "3", "--max_new_tokens", "4", "--max_eval_tokens", "500", "--sample_tokens", "4", "--bf16", "false",
+               "--lora_rank", "4", "--disable_tqdm", "true"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODELS_CACHE=str(tmp_path / "cache"), TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+    results = json.loads((output_dir / "results.json").read_text())
+    for key in ("before", "after_peft", "after_hand"):
+        assert results[key]["task"]["count"] == 3 and results[key]["response"]["tokens"] > 0
+        assert 0 < results[key]["held_out_text"]["validation"]["bits_per_byte"] < 16
+    assert results["trainable_parameters"]["hand"] == results["trainable_parameters"]["peft"]  # same targets, same rank
+    assert results["tokens_per_second"]["hand_over_trl"] > 0 and "hand LoRA + lesson 7 loop" in result.stdout
+
+    merged_folder = Path(results["model_folder"])
+    merged = AutoModelForCausalLM.from_pretrained(merged_folder).eval()
+    assert AutoTokenizer.from_pretrained(merged_folder).chat_template is not None
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    adapted = PeftModel.from_pretrained(base, results["adapters"]["hand-peft"]).eval()
+    ids = torch.tensor([tokenizer.encode("<user>\nPlay: Macbeth\n<line>\n")])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert (Path(results["adapters"]["trl-peft"]) / "adapter_config.json").exists()

@@ -8,12 +8,16 @@ from .language_modeling import (
     load_bits_per_byte_metric,
     trainer_metric_functions,
 )
+from .responses import generate_answers, response_loss, tokenize_conversation
 
 __all__ = [
     "BITS_PER_BYTE_METRIC",
     "evaluate_blocks",
     "evaluate_splits",
     "evaluate_token_stream",
+    "generate_answers",
     "load_bits_per_byte_metric",
+    "response_loss",
+    "tokenize_conversation",
     "trainer_metric_functions",
 ]

@@ -27,7 +27,7 @@ Saved models never import this package; it is for the training side only.
 """
 
 from ..evaluation import evaluate_splits
-from .arguments import DataArguments, DecoderArguments, LessonArguments, parse_lesson_args
+from .arguments import DataArguments, DecoderArguments, LessonArguments, find_model_folder, parse_lesson_args
 from .lesson_data import LessonData, bpe_tokenizer_for, load_lesson_corpus, prepare_lesson_data
 from .model_card import build_model_card
 from .publishing import finish_lesson, push_folder_to_hub, sample_with_pipeline
@@ -38,6 +38,7 @@ __all__ = [
     "DECODER_TRAINING_DEFAULTS",
     "LessonData",
     "DataArguments",
+    "find_model_folder",
     "DecoderArguments",
     "LessonArguments",
     "ThroughputCallback",

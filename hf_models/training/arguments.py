@@ -223,3 +223,23 @@ def parse_lesson_args(
     lesson_args.push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     set_seed(training_args.seed)
     return model_args, data_args, lesson_args, training_args
+
+
+def find_model_folder(path: str, flag: str, recipe: str) -> Path:
+    """The saved model a fine-tuning lesson starts from: ``path`` itself when it holds ``config.json``,
+    else its one sub-folder that does (a run folder such as ``runs/05_modern_gpt``).
+
+    Raises:
+        ValueError: no model there (naming ``flag`` and the ``recipe`` that writes one), or several.
+    """
+    folder = Path(path)
+    if (folder / "config.json").exists():
+        return folder
+    candidates = sorted(p.parent for p in folder.glob("*/config.json")) if folder.is_dir() else []
+    if len(candidates) == 1:
+        return candidates[0]
+    several = f", but several: {[str(c) for c in candidates]}" if candidates else ""
+    raise ValueError(
+        f"{flag} {path!r} holds no model folder (a folder with config.json){several}. "
+        f"Run `python {recipe}` first, or pass {flag} with a saved model folder."
+    )

@@ -258,8 +258,10 @@ class TrainingLoop:
         return self.model(**batch, num_items_in_batch=num_items_in_batch).loss
 
     def tokens_per_example(self) -> float:
-        """Tokens one training example puts through the model, for tokens/s."""
-        return len(self.batches.dataset[0]["input_ids"])
+        """Tokens one training example puts through the model, for tokens/s (the mean over up to 1,000 rows,
+        so that rows of different lengths, as in lesson 8's conversations, count what they hold)."""
+        rows = self.batches.dataset[: min(1000, len(self.batches.dataset))]["input_ids"]
+        return sum(len(row) for row in rows) / len(rows)
 
     # ------------------------------------------------------------------ the run
 
