@@ -14,7 +14,8 @@ The recipe, top to bottom:
    the hand-written LoRA on lesson 7's ``TrainingLoop``. Both adapt every linear layer of the
    decoder (per projection: this decoder has separate q/k/v; lesson 4's GPT fuses them into one
    ``qkv_proj``, which LoRA would adapt as one matrix) and leave the tied embedding / LM head alone.
-4. **Evaluate.** Held-out response loss, the task score of greedy answers (format, exact, near),
+4. **Evaluate.** Held-out response loss, the task score of greedy answers (format, exact, near, and
+   the task score: near where the format holds, else 0),
    trainable parameter share, and tokens/s, for base, hand LoRA and peft LoRA.
 5. **Save.** The hand adapter merged into the base (a plain zoo model: ``from_pretrained``,
    ``pipeline``, lesson 11's start), with its card; the adapters alone: the hand format, the same
@@ -139,15 +140,15 @@ def main() -> None:
     results["trainable_parameters"] = trainable
     results["tokens_per_second"] = {"trl + peft": throughput.tokens_per_second, "hand loop + hand LoRA": hand.tokens_per_second,
                                     "hand_over_trl": hand.tokens_per_second / throughput.tokens_per_second}
-    header = "| model | response loss | response perplexity | format | exact | near | trainable | tokens/s | held-out bits/byte |"
-    table = [header, "|---|---|---|---|---|---|---|---|---|"]
+    header = "| model | response loss | response perplexity | format | exact | near | task score | trainable | tokens/s | held-out bits/byte |"
+    table = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for label, key, params, speed in (("base (lesson 5)", "before", None, None),
                                       ("trl SFTTrainer + peft LoRA", "after_peft", trainable["peft"], throughput.tokens_per_second),
                                       ("hand LoRA + lesson 7 loop", "after_hand", trainable["hand"], hand.tokens_per_second)):
         row = results[key]
         share = f"{params[0]:,} ({params[0] / params[1]:.1%})" if params else "-"
         table.append(f"| {label} | {row['response']['loss']:.3f} | {row['response']['perplexity']:.1f} | {row['task']['format']:.1%} | "
-                     f"{row['task']['exact']:.1%} | {row['task']['near']:.3f} | {share} | {f'{speed:,.0f}' if speed else '-'} | "
+                     f"{row['task']['exact']:.1%} | {row['task']['near']:.3f} | {row['task']['task']:.3f} | {share} | {f'{speed:,.0f}' if speed else '-'} | "
                      f"{row['held_out_text'][held_out]['bits_per_byte']:.4f} |")
     results["table"] = table = "\n".join(table)
     print(f"\nheld-out plays, {len(test)} conversations:\n{table}")
@@ -168,7 +169,7 @@ def main() -> None:
                  f"(rank {lora['rank']}, alpha {lora['alpha']:g}, every linear layer but the tied LM head; "
                  f"{trainable['hand'][0]:,} trainable parameters, {trainable['hand'][0] / trainable['hand'][1]:.1%}) on lesson 7's loop, "
                  f"then merged. On held-out plays its answers keep the task's format {after['task']['format']:.0%} of the time "
-                 f"(base {before['task']['format']:.0%}), near-match {after['task']['near']:.3f} (base {before['task']['near']:.3f}), "
+                 f"(base {before['task']['format']:.0%}), task score {after['task']['task']:.3f} (base {before['task']['task']:.3f}), "
                  f"response loss {after['response']['loss']:.3f} (base {before['response']['loss']:.3f}).\n\n{table}"),
         lesson="8 (supervised fine-tuning with LoRA)", recipe="recipes/08_lora_sft.py", tags=["lora", "sft", "peft", "trl"],
         tokenizer=f"lesson 5's byte-level BPE ({len(tokenizer)} tokens) with the zoo's chat template",

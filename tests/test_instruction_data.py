@@ -126,5 +126,6 @@ def test_score_next_lines():
     assert score["format"] == pytest.approx(2 / 5)  # two single clean lines; a second line, a marker, an empty answer fail
     assert score["exact"] == pytest.approx(2 / 5)  # case and punctuation do not count
     assert 0.5 < score["near"] < 0.8
+    assert score["task"] == pytest.approx(2 / 5)  # the two clean exact answers score 1, the rest 0 whatever their first line
     with pytest.raises(ValueError, match="equally many"):
         score_next_lines(["a"], [])

@@ -325,15 +325,21 @@ def score_next_lines(predictions: Sequence[str], references: Sequence[str]) -> d
         ``2 * matches / total length``, in [0, 1]) of the normalised first line to the reference.
         A 2M-parameter model will rarely say Shakespeare's exact line, so ``near`` is the
         graded signal: it rises as the answer picks up the right words and length.
+        ``task``: the task's score, ``near`` where the answer keeps the format and 0 where it
+        does not (an answer that runs on into a scene is not an answer, however similar its
+        first line), as benchmarks score an unparseable answer as wrong.
     """
     if len(predictions) != len(references) or not references:
         raise ValueError(f"predictions ({len(predictions)}) and references ({len(references)}) must be equally many, and not none.")
-    formatted = exact = near = 0.0
+    formatted = exact = near = task = 0.0
     for prediction, reference in zip(predictions, references):
         text = prediction.strip()
         first = text.split("\n", 1)[0]
-        formatted += bool(text) and "\n" not in text and not any(marker in text for marker in _MARKERS)
+        in_format = bool(text) and "\n" not in text and not any(marker in text for marker in _MARKERS)
+        similarity = difflib.SequenceMatcher(None, _normalise(first), _normalise(reference)).ratio()
+        formatted += in_format
         exact += _normalise(first) == _normalise(reference)
-        near += difflib.SequenceMatcher(None, _normalise(first), _normalise(reference)).ratio()
+        near += similarity
+        task += similarity if in_format else 0.0
     count = len(references)
-    return {"format": formatted / count, "exact": exact / count, "near": near / count, "count": count}
+    return {"format": formatted / count, "exact": exact / count, "near": near / count, "task": task / count, "count": count}
