@@ -48,6 +48,15 @@ def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=input_ids).logits
 
 
+def train_a_few_steps(model: torch.nn.Module, input_ids: torch.Tensor, learning_rate: float, steps: int = 3) -> None:
+    """AdamW on the trainable (adapter) parameters alone, as a user's fine-tuning does."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    for _ in range(steps):
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def copy_peft_factors_into(hand: torch.nn.Module, peft_model: torch.nn.Module) -> int:
     """Copy peft's A/B (adapter "default") into the hand adapters of the same modules; returns how many."""
     peft_state = peft_model.state_dict()
@@ -138,12 +147,8 @@ def test_hand_trained_adapter_loads_in_peft_and_alone(tmp_path, tiny_tokenizer):
     base.save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base").train()
     apply_lora(model, LoRAConfig(rank=4, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"]))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = torch.tensor([tiny_tokenizer.encode("ROMEO:\nBut soft, what light through yonder window breaks?")])
-    for _ in range(3):
-        model(input_ids=x, labels=x).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_a_few_steps(model, x, learning_rate=1e-2)
     model.eval()
     expected = logits(model, x)
 
@@ -157,14 +162,44 @@ def test_hand_trained_adapter_loads_in_peft_and_alone(tmp_path, tiny_tokenizer):
     torch.testing.assert_close(logits(reloaded, x), expected, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", LINEAR_MODEL_TYPES)
+def test_embedding_adapter_follows_peft_init_and_converts(tmp_path):
+    """The bigram's table: A starts at zero and B normal (peft's embedding convention), so the adapted
+    table starts as the base; trained, it converts to peft's ``lora_embedding_A/B`` and reloads there."""
+    base = build_tiny_model("zoo_bigram", VOCAB)
+    base.save_pretrained(tmp_path / "base")
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), LoRAConfig(rank=4, alpha=8, target_modules=["logits_table"]))
+    layer = model.logits_table
+    assert isinstance(layer, LoRAEmbedding) and not layer.lora_A.any() and layer.lora_B.std() > 0.5
+    x = ids()
+    torch.testing.assert_close(logits(model, x), logits(base, x), atol=0, rtol=0)
+    train_a_few_steps(model, x, learning_rate=1e-1)
+    expected = logits(model, x)
+    assert not torch.allclose(expected, logits(base, x), atol=1e-3)
+    folder = lora_to_peft(model, tmp_path / "peft", base_model_name_or_path=str(tmp_path / "base"))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(folder)).eval()
+    torch.testing.assert_close(logits(peft_model, x), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", sorted(hf_models.MODEL_REGISTRY))
 def test_peft_merge_and_unload_saves_and_reloads(model_type, tmp_path):
+    """Every registered model: peft's LoRA merged with ``merge_and_unload`` is a plain zoo model again
+    that saves and reloads with the adapted function. The bigram has no linear layer, so peft refuses
+    ``"all-linear"`` there (and so does ``apply_lora``, naming its table); its LoRA goes on the table."""
     base = build_tiny_model(model_type, VOCAB)
+    targets = "all-linear"
+    if model_type == "zoo_bigram":
+        with pytest.raises(ValueError, match="target_modules"):
+            get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear"))
+        with pytest.raises(ValueError, match=r"matches no nn.Linear.*logits_table"):
+            apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, target_modules="all-linear"))
+        targets = [name for name, m in base.named_modules() if isinstance(m, torch.nn.Embedding)]
     if model_type == "zoo_gru":
         base.config.gru_implementation = "eager"  # the fused kernel would bypass the adapters
-    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
     x = ids()
     adapted = logits(peft_model, x)
+    with peft_model.disable_adapter():
+        assert not torch.allclose(logits(peft_model, x), adapted, atol=1e-4)  # the adapters do change the function
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -172,13 +207,26 @@ def test_peft_merge_and_unload_saves_and_reloads(model_type, tmp_path):
     torch.testing.assert_close(logits(reloaded, x), adapted, atol=1e-5, rtol=0)
 
 
-def test_recipe_lora_config_raises_no_tied_weight_warning():
-    """peft warns when LoRA touches the tied embedding / LM head; lesson 8's targets leave it alone."""
-    model = build_tiny_model("zoo_modern", VOCAB)
+def tied_weight_warnings(model: torch.nn.Module, config: LoraConfig) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    assert not [w for w in caught if "tie" in str(w.message).lower()]
+        get_peft_model(model, config)
+    return [str(w.message) for w in caught if "tie_word_embeddings" in str(w.message) or "ensure_weight_tying" in str(w.message)]
+
+
+def test_recipe_lora_config_raises_no_tied_weight_warning():
+    """peft 0.21.2 warns (``BaseTuner._check_tied_modules``) when ``target_modules`` or ``modules_to_save``
+    names ``embed_tokens`` / ``lm_head`` and the model declares them tied (``_tied_weights_keys``): an
+    adapter there would break the tie on merge. The fix is in the config, not in hiding the tie:
+    ``"all-linear"`` leaves out the output layer (``get_output_embeddings``), so lesson 8's defaults
+    warn nothing, while a config that does touch the head still warns (the check is live)."""
+    assert hf_models.ModernDecoderForCausalLM._tied_weights_keys == {"lm_head.weight": "model.embed_tokens.weight"}
+    recipe = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
+    assert tied_weight_warnings(build_tiny_model("zoo_modern", VOCAB), recipe) == []
+    touching_head = LoraConfig(r=16, target_modules=["q_proj", "lm_head"])
+    assert tied_weight_warnings(build_tiny_model("zoo_modern", VOCAB), touching_head)
+    head_saved = LoraConfig(r=16, target_modules="all-linear", modules_to_save=["lm_head"])
+    assert tied_weight_warnings(build_tiny_model("zoo_modern", VOCAB), head_saved)
 
 
 def test_bad_lora_input_is_named():

@@ -92,7 +92,29 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
-class LoRALinear(nn.Module):
+class _Mergeable(nn.Module):
+    """Merge folds the update into the frozen weight (zero cost at inference); unmerge takes it out again."""
+
+    base: nn.Module
+    merged: bool
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight()
+            self.merged = False
+
+
+class LoRALinear(_Mergeable):
     """``nn.Linear`` plus a trainable low-rank update: ``base(x) + scaling * B(A(dropout(x)))``."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
@@ -115,20 +137,8 @@ class LoRALinear(nn.Module):
             return out
         return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight()
-            self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight()
-            self.merged = False
-
-
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(_Mergeable):
     """``nn.Embedding`` plus a low-rank update of the table: ``E[ids] + scaling * A.T[ids] @ B.T``.
 
     Stored as peft stores it: ``lora_A`` (r, vocab) starts at zero, ``lora_B`` (dim, r) normal.
@@ -151,18 +161,6 @@ class LoRAEmbedding(nn.Module):
         if self.merged:
             return out
         return out + F.embedding(ids, self.lora_A.T) @ self.lora_B.T * self.scaling  # (..., r) @ (r, dim)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight()
-            self.merged = False
 
 
 _ADAPTABLE = (nn.Linear, nn.Embedding)
@@ -188,7 +186,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, _ADAPTABLE) and _is_target(name, module, config)]
     if not targets:
         available = sorted({name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, _ADAPTABLE)})
-        raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear or nn.Embedding; this model has {available}.")
+        raise ValueError(f"target_modules={config.target_modules!r} matches no nn.Linear or nn.Embedding; this model has {available} "
+                         f"(exclude_modules={config.exclude_modules!r} are always left out).")
     # A tied weight (the LM head is the embedding table) has two modules: merging an adapter of one
     # would silently change the other, so refuse it (peft warns about the same, `ensure_weight_tying`).
     owners: dict[int, list[str]] = {}
