@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -260,7 +261,10 @@ class TrainingLoop:
     def tokens_per_example(self) -> float:
         """Tokens one training example puts through the model, for tokens/s (the mean over up to 1,000 rows,
         so that rows of different lengths, as in lesson 8's conversations, count what they hold)."""
-        rows = self.batches.dataset[: min(1000, len(self.batches.dataset))]["input_ids"]
+        dataset = self.batches.dataset
+        if not isinstance(dataset, datasets.Dataset):  # fixed-length windows (RandomWindows) or a list of rows
+            return len(dataset[0]["input_ids"])
+        rows = dataset[: min(1000, len(dataset))]["input_ids"]
         return sum(len(row) for row in rows) / len(rows)
 
     # ------------------------------------------------------------------ the run
