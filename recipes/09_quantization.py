@@ -188,6 +188,8 @@ def llama_cpp_row(model, tokenizer, texts: list[str], prompt_texts: list[str], n
         return measure_llama_cpp(path, texts=texts, prompts=prompt_texts, max_new_tokens=new_tokens)
     except ImportError as error:
         return f"not installed (pip install llama-cpp-python): {error}"
+    except ValueError as error:  # a tokenizer or model llama.cpp cannot take (e.g. a character tokenizer)
+        return f"not exportable to llama.cpp: {error}"
 
 
 # ----------------------------------------------------------------------------- the lesson

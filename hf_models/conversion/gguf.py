@@ -198,16 +198,20 @@ def measure_llama_cpp(gguf_path: str | os.PathLike, texts: list[str], prompts: l
 
     path = Path(gguf_path)
     llm = Llama(model_path=str(path), n_ctx=0, logits_all=True, verbose=False, n_threads=torch.get_num_threads())
-    context = llm.n_ctx()
+    context = int(llm.metadata["llama.context_length"])  # the trained context (llama.cpp may allocate more)
     bits, num_bytes = 0.0, 0
     for text in texts:
-        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)[:context]
-        llm.reset()
-        llm.eval(ids)
-        logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
-        log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        bits += -log_probs[np.arange(len(ids) - 1), ids[1:]].sum() / math.log(2)
-        num_bytes += len(llm.detokenize(ids[1:]))  # the bytes the scored tokens spell
+        stream = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        for start in range(0, len(stream) - 1, context):  # non-overlapping windows of the trained context
+            ids = stream[start : start + context]
+            if len(ids) < 2:
+                continue
+            llm.reset()
+            llm.eval(ids)
+            logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+            log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+            bits += -log_probs[np.arange(len(ids) - 1), ids[1:]].sum() / math.log(2)
+            num_bytes += len(llm.detokenize(ids[1:]))  # the bytes the scored tokens spell
     greedy, generated, seconds = [], 0, 0.0
     for prompt in prompts:
         ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=False)
