@@ -72,7 +72,7 @@ lock:
 	mv $(LOCK).new $(LOCK)
 
 lessons: $(STAMP)
-	for recipe in recipes/0*.py; do $(BIN)/python $$recipe || exit 1; done
+	for recipe in recipes/[0-9][0-9]_*.py; do $(BIN)/python $$recipe || exit 1; done
 
 # Every benchmark with its defaults. A script that needs what the defaults lack (gpt_vs_nanogpt.py:
 # a nanoGPT checkout, NANOGPT_DIR=...) exits 77 with its reason as the last line on stderr; it is
