@@ -18,12 +18,14 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .configuration_bigram import BigramConfig
+from .configuration_configurable import ConfigurableDecoderConfig
 from .configuration_gpt import GPTConfig
 from .configuration_gru import GRULMConfig
 from .configuration_modern import ModernDecoderConfig
 from .configuration_moe import MoEDecoderConfig
 from .configuration_ngram_mlp import NGramMLPConfig
 from .modeling_bigram import BigramForCausalLM
+from .modeling_configurable import ConfigurableDecoderForCausalLM, ConfigurableDecoderModel
 from .modeling_gpt import GPTForCausalLM, GPTModel
 from .modeling_gru import GRULMForCausalLM, GRULMModel
 from .modeling_modern import ModernDecoderForCausalLM, ModernDecoderModel
@@ -43,6 +45,7 @@ MODEL_REGISTRY: dict[str, tuple[type, type]] = {
     GPTConfig.model_type: (GPTConfig, GPTForCausalLM),
     ModernDecoderConfig.model_type: (ModernDecoderConfig, ModernDecoderForCausalLM),
     MoEDecoderConfig.model_type: (MoEDecoderConfig, MoEDecoderForCausalLM),
+    ConfigurableDecoderConfig.model_type: (ConfigurableDecoderConfig, ConfigurableDecoderForCausalLM),
 }
 
 
@@ -67,6 +70,9 @@ __all__ = [
     "MODEL_REGISTRY",
     "BigramConfig",
     "BigramForCausalLM",
+    "ConfigurableDecoderConfig",
+    "ConfigurableDecoderForCausalLM",
+    "ConfigurableDecoderModel",
     "GPTConfig",
     "GPTForCausalLM",
     "GPTModel",

@@ -251,6 +251,14 @@ class CausalSelfAttention(nn.Module):
         layer_idx: this layer's slot in the KV cache.
         attention_dropout: dropout on the attention weights while training.
         fused_qkv: one ``qkv_proj`` instead of ``q_proj``/``k_proj``/``v_proj`` (rows in q, k, v order).
+        qk_norm: a norm builder ``size -> module``; when given, each query and key head is normalised
+            over its ``D`` features (``q_norm``, ``k_norm``) before the rotary rotation.
+
+    QK-norm (Dehghani et al. 2023, ViT-22B; OLMo 2, Qwen3, Gemma 3): without it, the attention logits
+    ``q . k`` grow with the norms of q and k, which grow during training until the softmax saturates
+    into one-hot rows whose gradients vanish, the instability that stopped ViT-22B and that high
+    learning rates provoke. Normalising each head's q and k bounds the logits by ``D`` times the
+    norms' learned gains, so the temperature of attention is a parameter, not an accident.
     """
 
     # The projection that writes into the residual stream (its init is scaled with depth).
@@ -266,6 +274,7 @@ class CausalSelfAttention(nn.Module):
         layer_idx: int = 0,
         attention_dropout: float = 0.0,
         fused_qkv: bool = False,
+        qk_norm: Callable[[int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
@@ -298,6 +307,8 @@ class CausalSelfAttention(nn.Module):
             self.k_proj = nn.Linear(hidden_size, self.qkv_sizes[1], bias=bias)
             self.v_proj = nn.Linear(hidden_size, self.qkv_sizes[2], bias=bias)
         self.o_proj = nn.Linear(num_attention_heads * head_dim, hidden_size, bias=bias)
+        self.q_norm = qk_norm(head_dim) if qk_norm is not None else None
+        self.k_norm = qk_norm(head_dim) if qk_norm is not None else None
 
     def forward(
         self,
@@ -326,8 +337,11 @@ class CausalSelfAttention(nn.Module):
             query, key, value = self.qkv_proj(hidden_states).split(self.qkv_sizes, dim=-1)
         else:
             query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        query = query.view(head_shape).transpose(1, 2)  # (B, T, H*D) -> (B, H, T, D)
-        key = key.view(head_shape).transpose(1, 2)  # (B, T, H_kv*D) -> (B, H_kv, T, D)
+        query, key = query.view(head_shape), key.view(head_shape)  # (B, T, H*D) -> (B, T, H, D)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)  # each head over its D features
+        query = query.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
+        key = key.transpose(1, 2)  # (B, T, H_kv, D) -> (B, H_kv, T, D)
         value = value.view(head_shape).transpose(1, 2)  # (B, T, H_kv*D) -> (B, H_kv, T, D)
 
         if position_embeddings is not None:
@@ -345,6 +359,6 @@ class CausalSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_attention_heads}, kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, "
-            f"fused_qkv={self.fused_qkv}, layer_idx={self.layer_idx}"
+            f"fused_qkv={self.fused_qkv}, qk_norm={self.q_norm is not None}, layer_idx={self.layer_idx}"
         )
 

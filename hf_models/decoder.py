@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -53,7 +53,9 @@ from .kv_cache import GrowingKVCache, StaticKVCache
 from .norms import LayerNorm, RMSNorm
 from .rotary import RotaryEmbedding
 
-POSITION_TYPES = ("learned", "rope")
+# "none" is NoPE (Haviv et al. 2022; Kazemnejad et al. 2023): a causal decoder can infer positions
+# without being told, since token t attends to exactly t + 1 keys.
+POSITION_TYPES = ("learned", "rope", "none")
 KV_CACHE_TYPES = ("growing", "static")
 
 
@@ -72,6 +74,7 @@ class DecoderSpec:
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     norm_bias: bool = True
+    qk_norm: bool = False
     mlp: str = "gelu"
     hidden_act: str = "gelu_new"
     mlp_bias: bool = True
@@ -144,6 +147,8 @@ class DecoderLayer(GradientCheckpointingLayer):
             layer_idx=layer_idx,
             attention_dropout=spec.attention_dropout,
             fused_qkv=spec.fused_qkv,
+            # The model's norm type, over one head's features.
+            qk_norm=(lambda size: build_norm(replace(spec, hidden_size=size))) if spec.qk_norm else None,
         )
         self.post_attention_layernorm = build_norm(spec)
         self.mlp = build_mlp(spec)

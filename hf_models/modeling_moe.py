@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOu
 from .causal_lm import CACHE_FIELD
 from .configuration_moe import MoEDecoderConfig
 from .decoder import DecoderForCausalLM, DecoderModel, DecoderPreTrainedModel
-from .moe import TopKRouter, load_balancing_loss, router_z_loss
+from .moe import SparseMoeBlock, TopKRouter, load_balancing_loss, router_z_loss
 
 
 class MoEDecoderPreTrainedModel(DecoderPreTrainedModel):
@@ -67,7 +67,7 @@ class MoEDecoderModel(MoEDecoderPreTrainedModel, DecoderModel):
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         # Each block kept its router logits from the forward that just ran (see SparseMoeBlock).
-        router_logits = tuple(layer.mlp.router_logits for layer in self.layers) if output_router_logits else None
+        router_logits = self.router_logits() if output_router_logits else None
         output = MoeModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
@@ -75,6 +75,11 @@ class MoEDecoderModel(MoEDecoderPreTrainedModel, DecoderModel):
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def router_logits(self) -> tuple[torch.Tensor, ...] | None:
+        """Each routed layer's (B*T, E) logits from the last forward; ``None`` where no layer routes
+        (lesson 12's configurable decoder with a dense feed-forward)."""
+        return tuple(layer.mlp.router_logits for layer in self.layers if isinstance(layer.mlp, SparseMoeBlock)) or None
 
     def tokens_per_expert(self) -> torch.Tensor:
         """(layers, E): routing slots each expert received in the last forward (for monitoring the load)."""
@@ -121,7 +126,12 @@ class MoEDecoderForCausalLM(MoEDecoderPreTrainedModel, DecoderForCausalLM):
             output_router_logits=output_router_logits,
             **kwargs,
         )
-        if output_router_logits:
+        if output_router_logits and output.router_logits is None:
+            # No layer routes (lesson 12's configurable decoder with a dense feed-forward): nothing is
+            # unbalanced. A zero, not None, because clients that see `output_router_logits` in the config
+            # (trl's trainers) ask for it and read `aux_loss` as a tensor.
+            output["aux_loss"] = torch.zeros((), device=output.logits.device)
+        elif output_router_logits:
             c = self.config
             # As Mixtral: padding is excluded from the balancing loss, which joins `loss` only with labels.
             output["aux_loss"] = load_balancing_loss(
@@ -141,6 +151,8 @@ class MoEDecoderForCausalLM(MoEDecoderPreTrainedModel, DecoderForCausalLM):
         (memory): Mixtral 8x7B has 47B parameters, 13B of them active.
         """
         c = self.config
+        if not isinstance(self.model.layers[0].mlp, SparseMoeBlock):
+            return self.num_parameters()  # a dense feed-forward: every parameter is active
         per_expert = sum(p.numel() for p in self.model.layers[0].mlp.experts[0].parameters())
         return self.num_parameters() - c.num_hidden_layers * (c.num_local_experts - c.num_experts_per_tok) * per_expert
 

@@ -28,6 +28,11 @@ TINY_CONFIGS: dict[str, dict] = {
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
         num_experts_per_tok=3,  # k=3 of 4: every expert sees tokens, so LoRA on each gets a gradient in the matrix
     ),
+    # Lesson 12: a combination no other lesson builds (its presets are the three above, tested in test_configurable).
+    "zoo_configurable": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, norm="rmsnorm", qk_norm=True,
+        positions="rope", feed_forward="gelu", fused_qkv=True, bias=False, tie_word_embeddings=False,
+    ),
 }
 
 TINY_TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"

@@ -5,12 +5,13 @@ the architecture it claims to be; exporting to a plain ``GPT2LMHeadModel`` / ``L
 folder lets any tool that serves those architectures serve what a lesson trained, no remote code.
 """
 
+from .configurable import configurable_config_from, convert_folder, dedicated_config_from, to_configurable, to_dedicated
 from .export import SERVING_CONVERTERS, export_for_serving
 from .gpt2 import gpt2_to_gpt, gpt_to_gpt2
 from .llama import llama_to_modern, modern_to_llama
 from .mixtral import mixtral_to_moe, moe_to_mixtral
 
 __all__ = [
-    "SERVING_CONVERTERS", "export_for_serving", "gpt2_to_gpt", "gpt_to_gpt2", "llama_to_modern", "mixtral_to_moe", "modern_to_llama",
-    "moe_to_mixtral",
+    "SERVING_CONVERTERS", "configurable_config_from", "convert_folder", "dedicated_config_from", "export_for_serving", "gpt2_to_gpt", "gpt_to_gpt2", "llama_to_modern", "mixtral_to_moe", "modern_to_llama",
+    "moe_to_mixtral", "to_configurable", "to_dedicated",
 ]

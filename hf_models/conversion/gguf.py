@@ -35,8 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..modeling_configurable import ConfigurableDecoderForCausalLM
 from ..modeling_modern import ModernDecoderForCausalLM
 from ..modeling_moe import MoEDecoderForCausalLM
+from .configurable import to_dedicated
 from .llama import modern_to_llama
 from .mixtral import moe_to_mixtral
 
@@ -61,6 +63,8 @@ def rotary_rows_to_pairs(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def _hf_model(model: torch.nn.Module):
+    if isinstance(model, ConfigurableDecoderForCausalLM):
+        model = to_dedicated(model)  # a modern or MoE preset (else the error names what differs)
     if isinstance(model, MoEDecoderForCausalLM):
         return moe_to_mixtral(model)
     if isinstance(model, ModernDecoderForCausalLM):
