@@ -53,6 +53,7 @@ from hf_models.training import (
     prepare_lesson_data,
 )
 from hf_models.training.loop import TrainingLoop
+from hf_models.training.memory import activation_bytes
 
 GRU_TEST_BITS_PER_BYTE = 2.178  # lesson 3's result in the README's lesson table: the bar to beat
 CURVE_TOLERANCE = 1e-4  # hand loop vs Trainer, per logged step (nats)
@@ -157,7 +158,9 @@ def main() -> None:
         for name, changes in rows.items():
             run = settings(f"tricks/{len(table)}", **{"max_steps": n, "logging_steps": max(1, n // 20), **changes})
             model = new_gpt()
-            memory = activation_bytes(model, windows(1, training_args.per_device_train_batch_size), run)
+            first = windows(1, training_args.per_device_train_batch_size)
+            batch = {k: torch.stack([first[i][k] for i in range(len(first))]) for k in ("input_ids", "labels", "shift_labels")}
+            memory = activation_bytes(model, batch, bf16=run.bf16, checkpointing=getattr(run, CHECKPOINTING))
             loop = TrainingLoop(model, windows(run.max_steps, global_batch * run.gradient_accumulation_steps), run, shuffle=False)
             outcome = loop.train()
             validation = evaluate_splits(model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size,
@@ -216,34 +219,6 @@ def main() -> None:
             tags=["gpt", "decoder", "training-loop"],
         ),
     )
-
-
-def activation_bytes(model: torch.nn.Module, windows: RandomWindows, run: TrainingArguments) -> int:
-    """Bytes the forward of one micro-batch keeps for the backward, under the run's precision and checkpointing.
-
-    This is what activation checkpointing and bf16 shrink (weights and optimizer state do not
-    change between the rows): the sum of the tensors autograd saves, counted once each.
-    """
-    checkpointing = getattr(run, CHECKPOINTING)
-    if checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    batch = {k: torch.stack([windows[i][k] for i in range(len(windows))]) for k in ("input_ids", "labels", "shift_labels")}
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if run.bf16 else torch.autocast("cpu", enabled=False)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
-        loss = model(**batch).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    if checkpointing:
-        model.gradient_checkpointing_disable()
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(size for pointer, size in seen.items() if pointer not in parameters)
 
 
 def plot(results: dict, path: Path) -> None:
