@@ -32,7 +32,7 @@ NOT_LOCKED := ^(torch|triton|pytorch-triton|nvidia[-_][^=@ ]+|cuda[-_][^=@ ]+) ?
 run_tests = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(1)/bin/python -m pytest $(PYTEST_ARGS)
 freeze = $(1)/bin/python -m pip freeze --exclude-editable | grep -viE '$(NOT_LOCKED)'
 
-.PHONY: demo test test-latest lock lessons bench clean
+.PHONY: demo test test-latest lock lessons leaderboard notebooks bench clean
 
 # A changed lock reinstalls too: pip moves every installed release to its pin.
 $(STAMP): pyproject.toml $(LOCK)
@@ -71,8 +71,20 @@ lock:
 	  $(call freeze,$(LOCK_FROM)); } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 
+# Every lesson with its defaults (about an hour and a half on 2 CPU cores), then the README's lesson
+# table and plot from what they wrote (runs/<lesson>/results.json).
 lessons: $(STAMP)
 	for recipe in recipes/[0-9][0-9]_*.py; do $(BIN)/python $$recipe || exit 1; done
+	$(MAKE) leaderboard
+
+leaderboard: $(STAMP)
+	$(BIN)/python -m hf_models.experiments.leaderboard
+
+# Every lesson as an executed notebook, notebooks/NN_name.ipynb, with its outputs and plots (as long as
+# `make lessons`; NOTEBOOK_ARGS passes flags to every recipe). Generated, never committed.
+NOTEBOOK_ARGS ?=
+notebooks: $(STAMP)
+	$(BIN)/python -m hf_models.training.notebook --output_dir notebooks --recipe_args "$(NOTEBOOK_ARGS)" recipes/[0-9][0-9]_*.py
 
 # Every benchmark with its defaults. A script that needs what the defaults lack (gpt_vs_nanogpt.py:
 # a nanoGPT checkout, NANOGPT_DIR=...) exits 77 with its reason as the last line on stderr; it is
@@ -92,4 +104,4 @@ bench: $(STAMP)
 	test -z "$$failed"
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) runs notebooks .pytest_cache

@@ -43,3 +43,23 @@ def require_divisible(config: Any, field: str, divisor_field: str) -> None:
         raise ValueError(
             f"{type(config).__name__}.{field}={value} must be divisible by {divisor_field}={divisor}."
         )
+
+
+def require_moe_routing(config: Any) -> None:
+    """The mixture-of-experts fields (Mixtral's names): ``1 <= num_experts_per_tok <= num_local_experts``,
+    loss coefficients ``>= 0`` and boolean switches (lessons 10 and 12)."""
+    name = type(config).__name__
+    require_positive_int(config, "num_local_experts")
+    require_positive_int(config, "num_experts_per_tok")
+    if config.num_experts_per_tok > config.num_local_experts:
+        raise ValueError(
+            f"{name}.num_experts_per_tok={config.num_experts_per_tok} must be at most "
+            f"num_local_experts={config.num_local_experts}: a token cannot be routed to more experts than there are."
+        )
+    for field in ("router_aux_loss_coef", "router_z_loss_coef"):
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name}.{field} must be a number >= 0, got {value!r}.")
+    for field in ("output_router_logits", "router_aux_loss_per_layer"):
+        if not isinstance(getattr(config, field), bool):
+            raise ValueError(f"{name}.{field} must be True or False, got {getattr(config, field)!r}.")

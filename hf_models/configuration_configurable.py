@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from .config_validation import require_choice, require_divisible, require_positive_int, require_probability
+from .config_validation import require_choice, require_divisible, require_moe_routing, require_positive_int, require_probability
 from .decoder import KV_CACHE_TYPES, POSITION_TYPES
 from .feed_forward import GELU_ACTIVATIONS
 from .moe import MOE_FEED_FORWARD, MoEDecoderSpec
@@ -160,7 +160,7 @@ class ConfigurableDecoderConfig(PreTrainedConfig):
         """Fail on values the model cannot be built with, naming the field (also runs on `from_pretrained`)."""
         for name in (
             "vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
+            "num_attention_heads", "num_key_value_heads", "head_dim",
         ):
             require_positive_int(self, name)
         require_divisible(self, "num_attention_heads", "num_key_value_heads")
@@ -169,21 +169,15 @@ class ConfigurableDecoderConfig(PreTrainedConfig):
         require_choice(self, "feed_forward", FEED_FORWARD_TYPES)
         require_choice(self, "hidden_act", sorted(GELU_ACTIVATIONS))
         require_choice(self, "kv_cache", KV_CACHE_TYPES)
-        for name in ("qk_norm", "fused_qkv", "bias", "output_router_logits", "router_aux_loss_per_layer"):
+        for name in ("qk_norm", "fused_qkv", "bias"):
             require_choice(self, name, (True, False))
         require_probability(self, "dropout")
         require_probability(self, "attention_dropout")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"ConfigurableDecoderConfig.head_dim must be even for positions='rope', got {self.head_dim}.")
-        if self.num_experts_per_tok > self.num_local_experts:
-            raise ValueError(
-                f"ConfigurableDecoderConfig.num_experts_per_tok={self.num_experts_per_tok} must be at most "
-                f"num_local_experts={self.num_local_experts}: a token cannot be routed to more experts than there are."
-            )
+        require_moe_routing(self)
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"ConfigurableDecoderConfig.{name} must be a number >= 0, got {value!r}.")
             if value and self.feed_forward != "moe":
                 raise ValueError(
                     f"ConfigurableDecoderConfig.{name}={value!r} applies only to feed_forward='moe' (there is no router to "

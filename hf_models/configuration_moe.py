@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from .config_validation import require_positive_int
+from .config_validation import require_moe_routing
 from .configuration_modern import ModernDecoderConfig
 from .moe import MOE_FEED_FORWARD, MoEDecoderSpec
 
@@ -44,20 +44,7 @@ class MoEDecoderConfig(ModernDecoderConfig):
     def validate_architecture(self):
         """Fail on values the model cannot be built with, naming the field (also runs on `from_pretrained`)."""
         super().validate_architecture()
-        require_positive_int(self, "num_local_experts")
-        require_positive_int(self, "num_experts_per_tok")
-        if self.num_experts_per_tok > self.num_local_experts:
-            raise ValueError(
-                f"MoEDecoderConfig.num_experts_per_tok={self.num_experts_per_tok} must be at most "
-                f"num_local_experts={self.num_local_experts}: a token cannot be routed to more experts than there are."
-            )
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"MoEDecoderConfig.{name} must be a number >= 0, got {value!r}.")
-        for name in ("output_router_logits", "router_aux_loss_per_layer"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"MoEDecoderConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        require_moe_routing(self)
 
     def decoder_spec(self) -> MoEDecoderSpec:
         return MoEDecoderSpec(

@@ -16,8 +16,9 @@ feed-forward       GELU MLP, 4x                SwiGLU, ~8/3x
 
 So there is one skeleton, :class:`DecoderModel`, driven by a :class:`DecoderSpec` that names the
 block for each slot. Each model's config turns its fields into a spec (``config.decoder_spec()``);
-the GPT and modern decoders are two presets, and lesson 12's configurable decoder exposes every
-toggle as a config field.
+the GPT, modern and MoE decoders are presets, and lesson 12's configurable decoder
+(``modeling_configurable.py``) exposes every toggle as a config field, QK-norm (``DecoderSpec.qk_norm``)
+and no positions at all (``positions="none"``) included.
 
 Extension points. Each slot is filled by a builder looked up by name in a table
 (:data:`NORM_BUILDERS`, :data:`FEED_FORWARD_BUILDERS`), and an unknown name is an error, never a

@@ -1,61 +1,62 @@
-"""Lesson 6: the KV cache. Why generation needs one, what it costs, and how to store it.
+# %% [markdown]
+# # Lesson 6: the KV cache. Why generation needs one, what it costs, and how to store it.
+#
+# Why a KV cache
+# --------------
+# A decoder generates one token per forward pass. Without a cache, step ``n`` re-runs the whole
+# prefix: ``n`` tokens through every layer to produce one new token, so generating ``N`` tokens
+# costs ``N^2 / 2`` token-forwards. But attention is causal: the key and value of token ``i``
+# depend only on tokens ``<= i``, so once computed they never change. Keep them, and each step runs
+# the model on the *one* new token: it computes that token's q/k/v, appends k/v to the cache and
+# attends over everything cached. Per-step work drops from ``O(n * model)`` to ``O(model + n *
+# layers * width)``, and the speed-up grows with the length generated.
+#
+# What grows, and how to store it
+# -------------------------------
+# Per layer, a key and a value tensor of shape (B, H_kv, T, D) whose ``T`` grows by one token per
+# step. transformers' ``DynamicCache`` does ``torch.cat([old, new])``: every step allocates a new
+# tensor and copies the whole history, ``n^2 / 2`` slot copies in all. The zoo's ``GrowingKVCache``
+# (``hf_models/kv_cache.py``) writes in place into a buffer and doubles it when full, like a Python
+# list: fewer than ``2n`` copies in all. ``StaticKVCache`` and transformers' ``StaticCache``
+# allocate the whole buffer once, before the first token: nothing is reallocated while decoding,
+# memory use is known up front (a server admits a request only if its cache fits), and the tensors
+# keep their shapes and addresses, which is what ``torch.compile`` and CUDA graphs need.
+# ``StaticCache`` returns the *whole* buffer at every step (one shape, the empty tail masked);
+# ``StaticKVCache`` returns the filled prefix (no work on empty slots, built for eager decoding).
+#
+# Memory
+# ------
+# A cache stores, for every token, one key and one value vector per layer and per key/value head::
+#
+#     bytes = 2 (k and v) x layers x kv_heads x head_dim x tokens x bytes per number   (x batch)
+#
+# LLaMA-2-7B (32 layers, 32 kv heads of 128, fp16): 0.5 MB per token, 2 GB for one 4k-token
+# sequence, a seventh of the model's weights for every sequence in the batch. Hence grouped-query
+# attention: ``H`` query heads share ``H_kv < H`` key/value heads, so the cache shrinks by ``H /
+# H_kv`` (LLaMA-2-70B: 64 query heads, 8 kv heads, an 8x smaller cache). Lesson 5's model has 2
+# query heads per kv head: half the cache of multi-head attention.
+#
+# What this lesson shows
+# ----------------------
+# 1. Lesson 5's trained model (or, if ``runs/05_modern_gpt`` is missing, a random model of its size)
+#    generates the same greedy tokens five ways: with no cache, the hand-written ``GrowingKVCache``
+#    and ``StaticKVCache``, and transformers' ``DynamicCache`` and ``StaticCache``.
+# 2. One timing table: each way timed by the zoo's benchmark timer (``hf_models.benchmarking``), in
+#    interleaved rounds so that a noisy machine hits them alike, with each speed-up's noise band.
+# 3. The memory formula above, for this model; and one plot of tokens/s.
+#
+# The full harness (per-step clocks over 512 tokens, a larger model, batch sizes, the targets) is
+# ``benchmarks/kv_cache.py``; its measured numbers are in ``benchmarks/README.md``.
+#
+# Threads: one by default. On a shared 2-core machine, two OpenMP threads wait for each other at
+# every op of a decoding step, which makes batch-1 decoding slower and much noisier than one thread.
+# On an idle machine try ``--threads 2``.
+#
+# Run:
+#     python recipes/06_kv_cache.py                       # about a minute on 2 CPU cores
+#     python recipes/06_kv_cache.py --total_tokens 512    # longer sequences: larger speed-ups
 
-Why a KV cache
---------------
-A decoder generates one token per forward pass. Without a cache, step ``n`` re-runs the whole
-prefix: ``n`` tokens through every layer to produce one new token, so generating ``N`` tokens
-costs ``N^2 / 2`` token-forwards. But attention is causal: the key and value of token ``i``
-depend only on tokens ``<= i``, so once computed they never change. Keep them, and each step runs
-the model on the *one* new token: it computes that token's q/k/v, appends k/v to the cache and
-attends over everything cached. Per-step work drops from ``O(n * model)`` to ``O(model + n *
-layers * width)``, and the speed-up grows with the length generated.
-
-What grows, and how to store it
--------------------------------
-Per layer, a key and a value tensor of shape (B, H_kv, T, D) whose ``T`` grows by one token per
-step. transformers' ``DynamicCache`` does ``torch.cat([old, new])``: every step allocates a new
-tensor and copies the whole history, ``n^2 / 2`` slot copies in all. The zoo's ``GrowingKVCache``
-(``hf_models/kv_cache.py``) writes in place into a buffer and doubles it when full, like a Python
-list: fewer than ``2n`` copies in all. ``StaticKVCache`` and transformers' ``StaticCache``
-allocate the whole buffer once, before the first token: nothing is reallocated while decoding,
-memory use is known up front (a server admits a request only if its cache fits), and the tensors
-keep their shapes and addresses, which is what ``torch.compile`` and CUDA graphs need.
-``StaticCache`` returns the *whole* buffer at every step (one shape, the empty tail masked);
-``StaticKVCache`` returns the filled prefix (no work on empty slots, built for eager decoding).
-
-Memory
-------
-A cache stores, for every token, one key and one value vector per layer and per key/value head::
-
-    bytes = 2 (k and v) x layers x kv_heads x head_dim x tokens x bytes per number   (x batch)
-
-LLaMA-2-7B (32 layers, 32 kv heads of 128, fp16): 0.5 MB per token, 2 GB for one 4k-token
-sequence, a seventh of the model's weights for every sequence in the batch. Hence grouped-query
-attention: ``H`` query heads share ``H_kv < H`` key/value heads, so the cache shrinks by ``H /
-H_kv`` (LLaMA-2-70B: 64 query heads, 8 kv heads, an 8x smaller cache). Lesson 5's model has 2
-query heads per kv head: half the cache of multi-head attention.
-
-What this lesson shows
-----------------------
-1. Lesson 5's trained model (or, if ``runs/05_modern_gpt`` is missing, a random model of its size)
-   generates the same greedy tokens five ways: with no cache, the hand-written ``GrowingKVCache``
-   and ``StaticKVCache``, and transformers' ``DynamicCache`` and ``StaticCache``.
-2. One timing table: each way timed by the zoo's benchmark timer (``hf_models.benchmarking``), in
-   interleaved rounds so that a noisy machine hits them alike, with each speed-up's noise band.
-3. The memory formula above, for this model; and one plot of tokens/s.
-
-The full harness (per-step clocks over 512 tokens, a larger model, batch sizes, the targets) is
-``benchmarks/kv_cache.py``; its measured numbers are in ``benchmarks/README.md``.
-
-Threads: one by default. On a shared 2-core machine, two OpenMP threads wait for each other at
-every op of a decoding step, which makes batch-1 decoding slower and much noisier than one thread.
-On an idle machine try ``--threads 2``.
-
-Run:
-    python recipes/06_kv_cache.py                       # about a minute on 2 CPU cores
-    python recipes/06_kv_cache.py --total_tokens 512    # longer sequences: larger speed-ups
-"""
-
+# %%
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -75,6 +76,7 @@ from hf_models.benchmarking import describe_machine, quartiles, time_interleaved
 from hf_models.causal_lm import CACHE_FIELD
 from hf_models.files import write_json_atomically
 from hf_models.kv_cache import GrowingKVCache, StaticKVCache
+from hf_models.training import recipe_argv, show
 
 PROMPT_TEXT = (
     "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
@@ -199,80 +201,88 @@ def plot(tokens_per_second: dict[str, list[float]], title: str, path: Path) -> N
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
+# %%
+(args,) = HfArgumentParser(KVCacheArguments).parse_args_into_dataclasses(args=recipe_argv())
+if args.threads != 1:
+    use_passive_omp_wait()  # more than one OpenMP thread: let waiting threads sleep (see hf_models.benchmarking)
+if args.threads:
+    torch.set_num_threads(args.threads)
+torch.set_grad_enabled(False)
+output_dir = Path(args.output_dir)
+new_tokens = args.total_tokens - args.prompt_tokens
 
-def main() -> None:
-    (args,) = HfArgumentParser(KVCacheArguments).parse_args_into_dataclasses()
-    if args.threads != 1:
-        use_passive_omp_wait()  # more than one OpenMP thread: let waiting threads sleep (see hf_models.benchmarking)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    output_dir = Path(args.output_dir)
-    new_tokens = args.total_tokens - args.prompt_tokens
+# %% [markdown]
+# ## 1. Lesson 5's model, and what its cache costs in memory (fp32), with and without GQA.
 
-    # 1. Lesson 5's model, and what its cache costs in memory (fp32), with and without GQA.
-    description, model, tokenizer = lesson_model(args.model_folder, args.total_tokens, args.seed)
-    config = model.config
-    memory = kv_cache_memory(config, args.total_tokens)
-    print(f"{description}: {config.num_hidden_layers} layers, {config.num_attention_heads} query heads, "
-          f"{config.num_key_value_heads} kv heads of {config.head_dim}, {model.num_parameters():,} parameters")
-    print(f"KV cache = 2 x {config.num_hidden_layers} layers x {config.num_key_value_heads} kv heads x {config.head_dim} "
-          f"x 4 bytes = {memory['bytes_per_token'] / 1024:.1f} KiB per token; {memory['bytes_per_sequence'] / 2**20:.2f} MiB "
-          f"per {args.total_tokens}-token sequence ({memory['bytes_per_sequence_without_gqa'] / 2**20:.2f} MiB with one "
-          f"kv head per query head)")
+# %%
+description, model, tokenizer = lesson_model(args.model_folder, args.total_tokens, args.seed)
+config = model.config
+memory = kv_cache_memory(config, args.total_tokens)
+print(f"{description}: {config.num_hidden_layers} layers, {config.num_attention_heads} query heads, "
+      f"{config.num_key_value_heads} kv heads of {config.head_dim}, {model.num_parameters():,} parameters")
+print(f"KV cache = 2 x {config.num_hidden_layers} layers x {config.num_key_value_heads} kv heads x {config.head_dim} "
+      f"x 4 bytes = {memory['bytes_per_token'] / 1024:.1f} KiB per token; {memory['bytes_per_sequence'] / 2**20:.2f} MiB "
+      f"per {args.total_tokens}-token sequence ({memory['bytes_per_sequence_without_gqa'] / 2**20:.2f} MiB with one "
+      f"kv head per query head)")
 
-    # 2. Five ways to generate, one set of tokens: a cache changes the cost, never the result.
-    prompt = prompts(tokenizer, config.vocab_size, args.batch_size, args.prompt_tokens, args.seed)  # (B, P)
-    generated = {name: greedy(model, prompt, args.total_tokens, make_cache) for name, make_cache in CACHES.items()}
-    reference = generated["no cache"]
-    same_tokens = {name: bool(torch.equal(ids, reference)) for name, ids in generated.items()}
-    print(f"\nsame greedy tokens as without a cache ({args.prompt_tokens} -> {args.total_tokens} tokens, batch "
-          f"{args.batch_size}): " + ", ".join(f"{name} {'yes' if same else 'NO'}" for name, same in same_tokens.items()))
-    if tokenizer is not None:
-        print(f"sample: {tokenizer.decode(reference[0, : args.prompt_tokens + 48])!r}")
+# %% [markdown]
+# ## 2. Five ways to generate, one set of tokens: a cache changes the cost, never the result.
 
-    # 3. Time them: every round runs each variant once, in rotating order; medians and paired ratios.
-    machine = describe_machine()
-    print(f"\nmachine: {machine.summary()}")
-    contenders = {
-        name: (lambda make_cache=make_cache: greedy(model, prompt, args.total_tokens, make_cache))
-        for name, make_cache in CACHES.items()
-    }
-    timings = time_interleaved(contenders, rounds=args.rounds, warmup=args.warmup)
-    rows = {}
-    for name in CACHES:
-        rows[name] = dict(
-            median_seconds=timings.median_seconds[name],
-            tokens_per_second=args.batch_size * new_tokens / timings.median_seconds[name],
-            speedup_vs_no_cache=asdict(timings.speedup(name, baseline="no cache")),
-            same_tokens=same_tokens[name],
-        )
-        if name in HAND_WRITTEN:
-            rows[name]["speedup_vs_dynamic_cache"] = asdict(timings.speedup(name, baseline="DynamicCache"))
-    print(f"\n{timings.rounds} rounds, medians; speed-ups are medians of per-round ratios, (q1-q3) their noise band:")
-    print(f"  {'cache':<16}{'seconds':>9}{'tokens/s':>10}  {'vs no cache':<20}{'vs DynamicCache':<18}same tokens")
-    for name, row in rows.items():
-        versus_dynamic = timings.speedup(name, "DynamicCache").band() if name in HAND_WRITTEN else ""
-        print(f"  {name:<16}{row['median_seconds']:>9.3f}{row['tokens_per_second']:>10.1f}  "
-              f"{timings.speedup(name, 'no cache').band():<20}{versus_dynamic:<18}{'yes' if row['same_tokens'] else 'NO'}")
+# %%
+prompt = prompts(tokenizer, config.vocab_size, args.batch_size, args.prompt_tokens, args.seed)  # (B, P)
+generated = {name: greedy(model, prompt, args.total_tokens, make_cache) for name, make_cache in CACHES.items()}
+reference = generated["no cache"]
+same_tokens = {name: bool(torch.equal(ids, reference)) for name, ids in generated.items()}
+print(f"\nsame greedy tokens as without a cache ({args.prompt_tokens} -> {args.total_tokens} tokens, batch "
+      f"{args.batch_size}): " + ", ".join(f"{name} {'yes' if same else 'NO'}" for name, same in same_tokens.items()))
+if tokenizer is not None:
+    print(f"sample: {tokenizer.decode(reference[0, : args.prompt_tokens + 48])!r}")
 
-    # 4. One plot, and the results.
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tokens_per_call = args.batch_size * new_tokens
-    plot({name: [tokens_per_call / s for s in seconds] for name, seconds in timings.seconds.items()},
-         f"Greedy generation, {args.prompt_tokens} -> {args.total_tokens} tokens, batch {args.batch_size}, "
-         f"{config.num_hidden_layers}L/{config.hidden_size} ({timings.rounds} rounds)",
-         output_dir / "tokens_per_second.png")
-    write_json_atomically(output_dir / "results.json", dict(
-        arguments=asdict(args),
-        model=description,
-        machine=machine.to_dict(),
-        kv_cache_memory=memory,
-        results=rows,
-        timings=timings.to_dict(),
-    ))
-    print(f"\nplot: {output_dir / 'tokens_per_second.png'}\nresults: {output_dir / 'results.json'}")
+# %% [markdown]
+# ## 3. Time them: every round runs each variant once, in rotating order; medians and paired ratios.
 
+# %%
+machine = describe_machine()
+print(f"\nmachine: {machine.summary()}")
+contenders = {
+    name: (lambda make_cache=make_cache: greedy(model, prompt, args.total_tokens, make_cache))
+    for name, make_cache in CACHES.items()
+}
+timings = time_interleaved(contenders, rounds=args.rounds, warmup=args.warmup)
+rows = {}
+for name in CACHES:
+    rows[name] = dict(
+        median_seconds=timings.median_seconds[name],
+        tokens_per_second=args.batch_size * new_tokens / timings.median_seconds[name],
+        speedup_vs_no_cache=asdict(timings.speedup(name, baseline="no cache")),
+        same_tokens=same_tokens[name],
+    )
+    if name in HAND_WRITTEN:
+        rows[name]["speedup_vs_dynamic_cache"] = asdict(timings.speedup(name, baseline="DynamicCache"))
+print(f"\n{timings.rounds} rounds, medians; speed-ups are medians of per-round ratios, (q1-q3) their noise band:")
+print(f"  {'cache':<16}{'seconds':>9}{'tokens/s':>10}  {'vs no cache':<20}{'vs DynamicCache':<18}same tokens")
+for name, row in rows.items():
+    versus_dynamic = timings.speedup(name, "DynamicCache").band() if name in HAND_WRITTEN else ""
+    print(f"  {name:<16}{row['median_seconds']:>9.3f}{row['tokens_per_second']:>10.1f}  "
+          f"{timings.speedup(name, 'no cache').band():<20}{versus_dynamic:<18}{'yes' if row['same_tokens'] else 'NO'}")
 
-if __name__ == "__main__":
-    main()
+# %% [markdown]
+# ## 4. One plot, and the results.
+
+# %%
+output_dir.mkdir(parents=True, exist_ok=True)
+tokens_per_call = args.batch_size * new_tokens
+plot({name: [tokens_per_call / s for s in seconds] for name, seconds in timings.seconds.items()},
+     f"Greedy generation, {args.prompt_tokens} -> {args.total_tokens} tokens, batch {args.batch_size}, "
+     f"{config.num_hidden_layers}L/{config.hidden_size} ({timings.rounds} rounds)",
+     output_dir / "tokens_per_second.png")
+show(output_dir / "tokens_per_second.png")
+write_json_atomically(output_dir / "results.json", dict(
+    arguments=asdict(args),
+    model=description,
+    machine=machine.to_dict(),
+    kv_cache_memory=memory,
+    results=rows,
+    timings=timings.to_dict(),
+))
+print(f"\nplot: {output_dir / 'tokens_per_second.png'}\nresults: {output_dir / 'results.json'}")

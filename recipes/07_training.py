@@ -1,30 +1,31 @@
-"""Lesson 7: training engineering. The loop ``Trainer`` runs for us, written out, and what each trick buys.
+# %% [markdown]
+# # Lesson 7: training engineering. The loop ``Trainer`` runs for us, written out, and what each trick buys.
+#
+# Lessons 1-6 trained with ``Trainer``. This lesson opens it: ``hf_models/training/loop.py`` is the
+# same loop written by hand on Accelerate (warm-up and cosine decay, gradient accumulation with the
+# loss normalised over the whole batch's tokens, mixed precision, gradient clipping, evaluation,
+# checkpoints that resume bit for bit). The recipe does three things, top to bottom:
+#
+# 1. **The hand loop is the Trainer.** Lesson 4's GPT, same data in the same order, same init, same
+#    optimizer and schedule, trained twice: with the hand-written loop and with ``Trainer``. The two
+#    loss curves agree to 1e-4 at every logged step (one plot), and the hand loop, having less to
+#    do, is at least as fast (tokens/s side by side).
+# 2. **What each trick buys.** At one token budget, a run per row: constant learning rate without
+#    warm-up; warm-up + cosine; a 4x larger batch through gradient accumulation; bf16 autocast;
+#    activation checkpointing. Columns: validation bits per byte, tokens/s, activation memory.
+#    (bf16 is only faster where the CPU has bf16 matrix instructions: the table shows what it does
+#    on this one, next to the measured fp32 and bf16 matmul peaks.)
+# 3. **The GPT beats the GRU.** In the README's lesson table lesson 4's GPT (2.246 test bits per byte
+#    in five CPU minutes) loses to lesson 3's GRU (2.178). With this lesson's tricks only (schedule,
+#    learning rate, batch, precision) the same architecture trains in at most five minutes here to a
+#    lower test bits per byte; that model is this lesson's saved model, card and results.
+#
+# Run:
+#     python recipes/07_training.py                       # ~10 minutes on 2 CPU cores
+#     python recipes/07_training.py --skip_comparison --skip_tricks   # only the tuned GPT (~5 minutes)
+#     accelerate launch --multi_gpu --num_processes 2 recipes/07_training.py   # 2 CPU processes, gloo DDP
 
-Lessons 1-6 trained with ``Trainer``. This lesson opens it: ``hf_models/training/loop.py`` is the
-same loop written by hand on Accelerate (warm-up and cosine decay, gradient accumulation with the
-loss normalised over the whole batch's tokens, mixed precision, gradient clipping, evaluation,
-checkpoints that resume bit for bit). The recipe does three things, top to bottom:
-
-1. **The hand loop is the Trainer.** Lesson 4's GPT, same data in the same order, same init, same
-   optimizer and schedule, trained twice: with the hand-written loop and with ``Trainer``. The two
-   loss curves agree to 1e-4 at every logged step (one plot), and the hand loop, having less to
-   do, is at least as fast (tokens/s side by side).
-2. **What each trick buys.** At one token budget, a run per row: constant learning rate without
-   warm-up; warm-up + cosine; a 4x larger batch through gradient accumulation; bf16 autocast;
-   activation checkpointing. Columns: validation bits per byte, tokens/s, activation memory.
-   (bf16 is only faster where the CPU has bf16 matrix instructions: the table shows what it does
-   on this one, next to the measured fp32 and bf16 matmul peaks.)
-3. **The GPT beats the GRU.** In the README's lesson table lesson 4's GPT (2.246 test bits per byte
-   in five CPU minutes) loses to lesson 3's GRU (2.178). With this lesson's tricks only (schedule,
-   learning rate, batch, precision) the same architecture trains in at most five minutes here to a
-   lower test bits per byte; that model is this lesson's saved model, card and results.
-
-Run:
-    python recipes/07_training.py                       # ~10 minutes on 2 CPU cores
-    python recipes/07_training.py --skip_comparison --skip_tricks   # only the tuned GPT (~5 minutes)
-    accelerate launch --multi_gpu --num_processes 2 recipes/07_training.py   # 2 CPU processes, gloo DDP
-"""
-
+# %%
 from __future__ import annotations
 
 import dataclasses
@@ -54,6 +55,7 @@ from hf_models.training import (
 )
 from hf_models.training.loop import TrainingLoop
 from hf_models.training.memory import activation_bytes
+from hf_models.training.notebook import show
 
 GRU_TEST_BITS_PER_BYTE = 2.178  # lesson 3's result in the README's lesson table: the bar to beat
 CURVE_TOLERANCE = 1e-4  # hand loop vs Trainer, per logged step (nats)
@@ -87,140 +89,6 @@ TUNED_TRAINING = dict(
 )
 
 
-def main() -> None:
-    args, data_args, lesson_args, training_args = parse_lesson_args(
-        TrainingLessonArguments,
-        defaults=dict(output_dir="runs/07_training", model_name="gpt-shakespeare-tuned", card_copy="model_cards/gpt_tuned.md", **TUNED_TRAINING),
-    )
-    output_dir = Path(training_args.output_dir)
-    machine = describe_machine().to_dict()
-
-    # 1. Data: lesson 4's corpus, BPE tokenizer and random training windows.
-    data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling)
-    train_ids = split_token_ids(data.corpus["train"], data.tokenizer)
-
-    def windows(steps: int, batch: int) -> RandomWindows:
-        """nanoGPT's random windows for ``steps`` optimizer steps of ``batch`` sequences, drawn from the seed."""
-        return RandomWindows(train_ids, data_args.block_size, steps * batch, training_args.seed)
-
-    # 2. The model: lesson 4's GPT, built afresh (same seed, same init) for every run.
-    config = GPTConfig(
-        vocab_size=len(data.tokenizer), max_position_embeddings=data_args.block_size, hidden_size=args.hidden_size,
-        num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads, bias=args.bias,
-        hidden_act=args.hidden_act, dropout=args.dropout, eos_token_id=data.tokenizer.eos_token_id,
-    )
-
-    def new_gpt() -> GPTForCausalLM:
-        set_seed(training_args.seed)
-        return GPTForCausalLM(config)
-
-    def settings(name: str, **changes) -> TrainingArguments:
-        """``training_args`` with ``changes``, writing under ``output_dir/name``, nothing saved."""
-        base = dict(output_dir=str(output_dir / name), save_strategy="no", eval_strategy="no", report_to="none",
-                    train_sampling_strategy="sequential", logging_first_step=False)
-        return dataclasses.replace(training_args, **{**base, **changes})
-
-    global_batch = training_args.per_device_train_batch_size * training_args.world_size
-    results: dict = {"machine": machine}
-
-    # 3. Part 1: the hand loop against Trainer, same everything.
-    if not args.skip_comparison:
-        compare = settings("compare", max_steps=args.compare_steps, logging_steps=10, warmup_steps=10, bf16=False)
-        dataset = windows(args.compare_steps, global_batch)
-        hand = TrainingLoop(new_gpt(), dataset, dataclasses.replace(compare, output_dir=str(output_dir / "compare-hand")), shuffle=False).train()
-        trainer_args = dataclasses.replace(compare, output_dir=str(output_dir / "compare-trainer"))
-        trainer, throughput = build_trainer(new_gpt(), data.tokenizer, dataset, data.eval_dataset, trainer_args, data.byte_lengths)
-        trainer.train()
-        theirs = {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log}
-        steps = sorted(set(hand.losses) & set(theirs))
-        worst = max(abs(hand.losses[s] - theirs[s]) for s in steps)
-        results["hand_loop_vs_trainer"] = dict(
-            steps=steps, hand_loop=[hand.losses[s] for s in steps], trainer=[theirs[s] for s in steps],
-            max_abs_difference=worst, tolerance=CURVE_TOLERANCE, within_tolerance=worst <= CURVE_TOLERANCE,
-            hand_loop_tokens_per_second=hand.tokens_per_second, trainer_tokens_per_second=throughput.tokens_per_second,
-            throughput_ratio=hand.tokens_per_second / throughput.tokens_per_second,
-        )
-        print(f"\nhand loop vs Trainer over {len(steps)} logged steps: largest loss difference {worst:.2e} nats "
-              f"(tolerance {CURVE_TOLERANCE:g}); tokens/s {hand.tokens_per_second:,.0f} vs {throughput.tokens_per_second:,.0f} "
-              f"= {results['hand_loop_vs_trainer']['throughput_ratio']:.2f}x")
-
-    # 4. Part 2: what each trick buys, at one token budget.
-    if not args.skip_tricks:
-        n = args.tricks_steps
-        rows = {
-            "constant lr, no warm-up": dict(warmup_steps=0, lr_scheduler_kwargs={"min_lr": training_args.learning_rate}, bf16=False),
-            "warm-up + cosine": dict(warmup_steps=max(1, n // 10), bf16=False),
-            "4x batch (accumulation)": dict(max_steps=n // 4, gradient_accumulation_steps=4, warmup_steps=max(1, n // 40), bf16=False),
-            "bf16 autocast": dict(warmup_steps=max(1, n // 10), bf16=True),
-            "activation checkpointing": {"warmup_steps": max(1, n // 10), "bf16": False, CHECKPOINTING: True},
-        }
-        table = {}
-        for name, changes in rows.items():
-            run = settings(f"tricks/{len(table)}", **{"max_steps": n, "logging_steps": max(1, n // 20), **changes})
-            model = new_gpt()
-            first = windows(1, training_args.per_device_train_batch_size)
-            batch = {k: torch.stack([first[i][k] for i in range(len(first))]) for k in ("input_ids", "labels", "shift_labels")}
-            memory = activation_bytes(model, batch, bf16=run.bf16, checkpointing=getattr(run, CHECKPOINTING))
-            loop = TrainingLoop(model, windows(run.max_steps, global_batch * run.gradient_accumulation_steps), run, shuffle=False)
-            outcome = loop.train()
-            validation = evaluate_splits(model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size,
-                                         data_args.max_eval_tokens, ("validation",))["validation"]
-            table[name] = dict(validation_bits_per_byte=validation["bits_per_byte"], tokens_per_second=outcome.tokens_per_second,
-                               activation_mib=memory / 2**20, losses=outcome.losses)
-        results["tricks"] = dict(token_budget=n * global_batch * data_args.block_size, rows=table)
-        print(f"\nwhat each trick buys, {n} steps x {global_batch} x {data_args.block_size} tokens each "
-              f"(fp32 / bf16 matmul peak here: {machine['matmul_peak_gflops']['fp32']:.0f} / {machine['matmul_peak_gflops']['bf16']:.0f} GFLOP/s)")
-        print(f"  {'run':<26}{'val bits/byte':>14}{'tokens/s':>10}{'activations':>13}")
-        for name, row in table.items():
-            print(f"  {name:<26}{row['validation_bits_per_byte']:>14.4f}{row['tokens_per_second']:>10,.0f}{row['activation_mib']:>10.1f} MiB")
-
-    # 5. Part 3: the tuned GPT, this lesson's model, with the hand loop.
-    model = new_gpt()
-    start = time.perf_counter()
-    outcome = TrainingLoop(model, data.train_dataset, training_args, eval_dataset=data.eval_dataset.select(range(min(64, len(data.eval_dataset)))),
-                           byte_lengths=data.byte_lengths, shuffle=False).train()
-    minutes = (time.perf_counter() - start) / 60
-    held_out = evaluate_splits(model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size, data_args.max_eval_tokens)
-    results.update(held_out)
-    test_bpb = held_out.get("test", held_out["validation"])["bits_per_byte"]
-    results.update(
-        train_tokens_per_second=outcome.tokens_per_second, train_steps=outcome.steps, train_minutes=minutes,
-        parameters=model.num_parameters(), beats_gru=test_bpb < GRU_TEST_BITS_PER_BYTE, gru_test_bits_per_byte=GRU_TEST_BITS_PER_BYTE,
-        training={
-            "parameters": f"{model.num_parameters():,}",
-            "loop": "hf_models.training.loop.TrainingLoop (the hand-written loop of lesson 7)",
-            "steps": outcome.steps,
-            "batch": f"{global_batch * training_args.gradient_accumulation_steps} x {data_args.block_size} tokens",
-            "optimizer": f"AdamW (betas {training_args.adam_beta1}, {training_args.adam_beta2}), lr {training_args.learning_rate}, "
-            f"warm-up {training_args.warmup_steps} steps, cosine to {training_args.lr_scheduler_kwargs}, weight decay "
-            f"{training_args.weight_decay}, clip {training_args.max_grad_norm}",
-            "precision": "bf16 autocast" if training_args.bf16 else "fp32",
-            "training time": f"{minutes:.1f} minutes, {outcome.tokens_per_second:,.0f} tokens/s on {training_args.world_size} process(es)",
-        },
-    )
-    print(f"\ntuned GPT: {outcome.steps} steps in {minutes:.1f} minutes, test bits per byte {test_bpb:.4f} "
-          f"(lesson 3's GRU: {GRU_TEST_BITS_PER_BYTE}) -> {'beats' if test_bpb < GRU_TEST_BITS_PER_BYTE else 'does not beat'} the GRU")
-
-    # 6. Plot, save with card, sample.
-    if training_args.process_index == 0:
-        plot(results, output_dir / "training.png")
-    finish_lesson(
-        model, data.tokenizer, training_args, lesson_args, data_args, results,
-        card=dict(
-            lesson="7 (training engineering)",
-            recipe="recipes/07_training.py",
-            summary=f"Lesson 4's GPT ({args.num_hidden_layers} layers, {args.num_attention_heads} heads, width {args.hidden_size}, "
-            f"context {data_args.block_size}), trained by the hand-written loop of lesson 7 with a tuned schedule, learning "
-            f"rate and precision, in {minutes:.1f} minutes on CPU.",
-            tokenizer=data.tokenizer_description,
-            extra={"lesson 3's GRU, test bits per byte": GRU_TEST_BITS_PER_BYTE},
-            limitations="Minutes of CPU training on a few MB of plays: Shakespeare-shaped text without meaning. "
-            f"Context is {data_args.block_size} tokens.",
-            tags=["gpt", "decoder", "training-loop"],
-        ),
-    )
-
-
 def plot(results: dict, path: Path) -> None:
     """Left: hand loop vs Trainer loss curves. Right: training loss of each trick's run."""
     panels = [key for key in ("hand_loop_vs_trainer", "tricks") if key in results]
@@ -250,6 +118,154 @@ def plot(results: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
+# %%
+args, data_args, lesson_args, training_args = parse_lesson_args(
+    TrainingLessonArguments,
+    defaults=dict(output_dir="runs/07_training", model_name="gpt-shakespeare-tuned", card_copy="model_cards/gpt_tuned.md", **TUNED_TRAINING),
+)
+output_dir = Path(training_args.output_dir)
+machine = describe_machine().to_dict()
 
-if __name__ == "__main__":
-    main()
+# %% [markdown]
+# ## 1. Data: lesson 4's corpus, BPE tokenizer and random training windows.
+
+# %%
+data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling)
+train_ids = split_token_ids(data.corpus["train"], data.tokenizer)
+
+def windows(steps: int, batch: int) -> RandomWindows:
+    """nanoGPT's random windows for ``steps`` optimizer steps of ``batch`` sequences, drawn from the seed."""
+    return RandomWindows(train_ids, data_args.block_size, steps * batch, training_args.seed)
+
+# %% [markdown]
+# ## 2. The model: lesson 4's GPT, built afresh (same seed, same init) for every run.
+
+# %%
+config = GPTConfig(
+    vocab_size=len(data.tokenizer), max_position_embeddings=data_args.block_size, hidden_size=args.hidden_size,
+    num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads, bias=args.bias,
+    hidden_act=args.hidden_act, dropout=args.dropout, eos_token_id=data.tokenizer.eos_token_id,
+)
+
+def new_gpt() -> GPTForCausalLM:
+    set_seed(training_args.seed)
+    return GPTForCausalLM(config)
+
+def settings(name: str, **changes) -> TrainingArguments:
+    """``training_args`` with ``changes``, writing under ``output_dir/name``, nothing saved."""
+    base = dict(output_dir=str(output_dir / name), save_strategy="no", eval_strategy="no", report_to="none",
+                train_sampling_strategy="sequential", logging_first_step=False)
+    return dataclasses.replace(training_args, **{**base, **changes})
+
+global_batch = training_args.per_device_train_batch_size * training_args.world_size
+results: dict = {"machine": machine}
+
+# %% [markdown]
+# ## 3. Part 1: the hand loop against Trainer, same everything.
+
+# %%
+if not args.skip_comparison:
+    compare = settings("compare", max_steps=args.compare_steps, logging_steps=10, warmup_steps=10, bf16=False)
+    dataset = windows(args.compare_steps, global_batch)
+    hand = TrainingLoop(new_gpt(), dataset, dataclasses.replace(compare, output_dir=str(output_dir / "compare-hand")), shuffle=False).train()
+    trainer_args = dataclasses.replace(compare, output_dir=str(output_dir / "compare-trainer"))
+    trainer, throughput = build_trainer(new_gpt(), data.tokenizer, dataset, data.eval_dataset, trainer_args, data.byte_lengths)
+    trainer.train()
+    theirs = {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log}
+    steps = sorted(set(hand.losses) & set(theirs))
+    worst = max(abs(hand.losses[s] - theirs[s]) for s in steps)
+    results["hand_loop_vs_trainer"] = dict(
+        steps=steps, hand_loop=[hand.losses[s] for s in steps], trainer=[theirs[s] for s in steps],
+        max_abs_difference=worst, tolerance=CURVE_TOLERANCE, within_tolerance=worst <= CURVE_TOLERANCE,
+        hand_loop_tokens_per_second=hand.tokens_per_second, trainer_tokens_per_second=throughput.tokens_per_second,
+        throughput_ratio=hand.tokens_per_second / throughput.tokens_per_second,
+    )
+    print(f"\nhand loop vs Trainer over {len(steps)} logged steps: largest loss difference {worst:.2e} nats "
+          f"(tolerance {CURVE_TOLERANCE:g}); tokens/s {hand.tokens_per_second:,.0f} vs {throughput.tokens_per_second:,.0f} "
+          f"= {results['hand_loop_vs_trainer']['throughput_ratio']:.2f}x")
+
+# %% [markdown]
+# ## 4. Part 2: what each trick buys, at one token budget.
+
+# %%
+if not args.skip_tricks:
+    n = args.tricks_steps
+    rows = {
+        "constant lr, no warm-up": dict(warmup_steps=0, lr_scheduler_kwargs={"min_lr": training_args.learning_rate}, bf16=False),
+        "warm-up + cosine": dict(warmup_steps=max(1, n // 10), bf16=False),
+        "4x batch (accumulation)": dict(max_steps=n // 4, gradient_accumulation_steps=4, warmup_steps=max(1, n // 40), bf16=False),
+        "bf16 autocast": dict(warmup_steps=max(1, n // 10), bf16=True),
+        "activation checkpointing": {"warmup_steps": max(1, n // 10), "bf16": False, CHECKPOINTING: True},
+    }
+    table = {}
+    for name, changes in rows.items():
+        run = settings(f"tricks/{len(table)}", **{"max_steps": n, "logging_steps": max(1, n // 20), **changes})
+        model = new_gpt()
+        first = windows(1, training_args.per_device_train_batch_size)
+        batch = {k: torch.stack([first[i][k] for i in range(len(first))]) for k in ("input_ids", "labels", "shift_labels")}
+        memory = activation_bytes(model, batch, bf16=run.bf16, checkpointing=getattr(run, CHECKPOINTING))
+        loop = TrainingLoop(model, windows(run.max_steps, global_batch * run.gradient_accumulation_steps), run, shuffle=False)
+        outcome = loop.train()
+        validation = evaluate_splits(model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size,
+                                     data_args.max_eval_tokens, ("validation",))["validation"]
+        table[name] = dict(validation_bits_per_byte=validation["bits_per_byte"], tokens_per_second=outcome.tokens_per_second,
+                           activation_mib=memory / 2**20, losses=outcome.losses)
+    results["tricks"] = dict(token_budget=n * global_batch * data_args.block_size, rows=table)
+    print(f"\nwhat each trick buys, {n} steps x {global_batch} x {data_args.block_size} tokens each "
+          f"(fp32 / bf16 matmul peak here: {machine['matmul_peak_gflops']['fp32']:.0f} / {machine['matmul_peak_gflops']['bf16']:.0f} GFLOP/s)")
+    print(f"  {'run':<26}{'val bits/byte':>14}{'tokens/s':>10}{'activations':>13}")
+    for name, row in table.items():
+        print(f"  {name:<26}{row['validation_bits_per_byte']:>14.4f}{row['tokens_per_second']:>10,.0f}{row['activation_mib']:>10.1f} MiB")
+
+# %% [markdown]
+# ## 5. Part 3: the tuned GPT, this lesson's model, with the hand loop.
+
+# %%
+model = new_gpt()
+start = time.perf_counter()
+outcome = TrainingLoop(model, data.train_dataset, training_args, eval_dataset=data.eval_dataset.select(range(min(64, len(data.eval_dataset)))),
+                       byte_lengths=data.byte_lengths, shuffle=False).train()
+minutes = (time.perf_counter() - start) / 60
+held_out = evaluate_splits(model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size, data_args.max_eval_tokens)
+results.update(held_out)
+test_bpb = held_out.get("test", held_out["validation"])["bits_per_byte"]
+results.update(
+    train_tokens_per_second=outcome.tokens_per_second, train_steps=outcome.steps, train_minutes=minutes,
+    parameters=model.num_parameters(), beats_gru=test_bpb < GRU_TEST_BITS_PER_BYTE, gru_test_bits_per_byte=GRU_TEST_BITS_PER_BYTE,
+    training={
+        "parameters": f"{model.num_parameters():,}",
+        "loop": "hf_models.training.loop.TrainingLoop (the hand-written loop of lesson 7)",
+        "steps": outcome.steps,
+        "batch": f"{global_batch * training_args.gradient_accumulation_steps} x {data_args.block_size} tokens",
+        "optimizer": f"AdamW (betas {training_args.adam_beta1}, {training_args.adam_beta2}), lr {training_args.learning_rate}, "
+        f"warm-up {training_args.warmup_steps} steps, cosine to {training_args.lr_scheduler_kwargs}, weight decay "
+        f"{training_args.weight_decay}, clip {training_args.max_grad_norm}",
+        "precision": "bf16 autocast" if training_args.bf16 else "fp32",
+        "training time": f"{minutes:.1f} minutes, {outcome.tokens_per_second:,.0f} tokens/s on {training_args.world_size} process(es)",
+    },
+)
+print(f"\ntuned GPT: {outcome.steps} steps in {minutes:.1f} minutes, test bits per byte {test_bpb:.4f} "
+      f"(lesson 3's GRU: {GRU_TEST_BITS_PER_BYTE}) -> {'beats' if test_bpb < GRU_TEST_BITS_PER_BYTE else 'does not beat'} the GRU")
+
+# %% [markdown]
+# ## 6. Plot, save with card, sample.
+
+# %%
+if training_args.process_index == 0:
+    plot(results, output_dir / "training.png")
+    show(output_dir / "training.png")
+finish_lesson(
+    model, data.tokenizer, training_args, lesson_args, data_args, results,
+    card=dict(
+        lesson="7 (training engineering)",
+        recipe="recipes/07_training.py",
+        summary=f"Lesson 4's GPT ({args.num_hidden_layers} layers, {args.num_attention_heads} heads, width {args.hidden_size}, "
+        f"context {data_args.block_size}), trained by the hand-written loop of lesson 7 with a tuned schedule, learning "
+        f"rate and precision, in {minutes:.1f} minutes on CPU.",
+        tokenizer=data.tokenizer_description,
+        extra={"lesson 3's GRU, test bits per byte": GRU_TEST_BITS_PER_BYTE},
+        limitations="Minutes of CPU training on a few MB of plays: Shakespeare-shaped text without meaning. "
+        f"Context is {data_args.block_size} tokens.",
+        tags=["gpt", "decoder", "training-loop"],
+    ),
+)

@@ -1,32 +1,33 @@
-"""Lesson 8: supervised fine-tuning with LoRA, written by hand on lesson 7's loop, next to trl + peft.
+# %% [markdown]
+# # Lesson 8: supervised fine-tuning with LoRA, written by hand on lesson 7's loop, next to trl + peft.
+#
+# Lesson 5's model writes Shakespeare-shaped text; it has never been asked a question. Here it
+# learns a task from instructions: given a play, the previous line and the next speaker, answer
+# with that speaker's line, and stop (``hf_models/data/instructions.py``). Instead of updating its
+# 2M weights, we freeze them and train low-rank adapters beside them (LoRA, ``hf_models/adapters``).
+# The recipe, top to bottom:
+#
+# 1. **Data.** The next-line task in trl's conversational format, split by play; the zoo's chat
+#    template is added to the base tokenizer; answers alone carry the loss (``{% generation %}``).
+# 2. **The base.** Lesson 5's saved model, loaded with ``from_pretrained`` as a user starts from a
+#    pretrained checkpoint; scored on the held-out plays before any fine-tuning.
+# 3. **Fine-tune twice, same data, budget and settings.** trl's ``SFTTrainer`` with peft's LoRA, and
+#    the hand-written LoRA on lesson 7's ``TrainingLoop``. Both adapt every linear layer of the
+#    decoder (per projection: this decoder has separate q/k/v; lesson 4's GPT fuses them into one
+#    ``qkv_proj``, which LoRA would adapt as one matrix) and leave the tied embedding / LM head alone.
+# 4. **Evaluate.** Held-out response loss, the task score of greedy answers (format, exact, near, and
+#    the task score: near where the format holds, else 0),
+#    trainable parameter share, and tokens/s, for base, hand LoRA and peft LoRA.
+# 5. **Save.** The hand adapter merged into the base (a plain zoo model: ``from_pretrained``,
+#    ``pipeline``, lesson 11's start), with its card; the adapters alone: the hand format, the same
+#    adapter converted to peft's format, and trl's peft adapter.
+#
+# Run:
+#     python recipes/05_modern_gpt.py       # first: the base this lesson starts from
+#     python recipes/08_lora_sft.py         # a few minutes on 2 CPU cores
+#     python recipes/08_lora_sft.py --base_model path/to/zoo/model --dataset my/trl-dataset
 
-Lesson 5's model writes Shakespeare-shaped text; it has never been asked a question. Here it
-learns a task from instructions: given a play, the previous line and the next speaker, answer
-with that speaker's line, and stop (``hf_models/data/instructions.py``). Instead of updating its
-2M weights, we freeze them and train low-rank adapters beside them (LoRA, ``hf_models/adapters``).
-The recipe, top to bottom:
-
-1. **Data.** The next-line task in trl's conversational format, split by play; the zoo's chat
-   template is added to the base tokenizer; answers alone carry the loss (``{% generation %}``).
-2. **The base.** Lesson 5's saved model, loaded with ``from_pretrained`` as a user starts from a
-   pretrained checkpoint; scored on the held-out plays before any fine-tuning.
-3. **Fine-tune twice, same data, budget and settings.** trl's ``SFTTrainer`` with peft's LoRA, and
-   the hand-written LoRA on lesson 7's ``TrainingLoop``. Both adapt every linear layer of the
-   decoder (per projection: this decoder has separate q/k/v; lesson 4's GPT fuses them into one
-   ``qkv_proj``, which LoRA would adapt as one matrix) and leave the tied embedding / LM head alone.
-4. **Evaluate.** Held-out response loss, the task score of greedy answers (format, exact, near, and
-   the task score: near where the format holds, else 0),
-   trainable parameter share, and tokens/s, for base, hand LoRA and peft LoRA.
-5. **Save.** The hand adapter merged into the base (a plain zoo model: ``from_pretrained``,
-   ``pipeline``, lesson 11's start), with its card; the adapters alone: the hand format, the same
-   adapter converted to peft's format, and trl's peft adapter.
-
-Run:
-    python recipes/05_modern_gpt.py       # first: the base this lesson starts from
-    python recipes/08_lora_sft.py         # a few minutes on 2 CPU cores
-    python recipes/08_lora_sft.py --base_model path/to/zoo/model --dataset my/trl-dataset
-"""
-
+# %%
 from __future__ import annotations
 
 import dataclasses
@@ -60,126 +61,133 @@ class LoRAArguments:
     eval_rows: int = field(default=300, metadata={"help": "Held-out conversations for the response loss and the task score."})
     max_new_tokens: int = field(default=40, metadata={"help": "Longest generated answer."})
 
+# %%
+use_passive_omp_wait()
+args, data_args, lesson_args, training_args = parse_lesson_args(
+    LoRAArguments,
+    defaults=dict(
+        output_dir="runs/08_lora_sft", model_name="lora-sft-shakespeare", card_copy="model_cards/lora_sft.md",
+        max_steps=300, per_device_train_batch_size=16, learning_rate=3e-3, warmup_steps=20,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs='{"min_lr": 3e-4}', weight_decay=0.0,
+        max_grad_norm=1.0, logging_steps=25, bf16=True,  # trl's default precision, for both runs
+        sample_prompt="", sample_tokens=40, max_eval_tokens=20_000,
+    ),
+)
+output_dir = Path(training_args.output_dir)
+base_folder = find_model_folder(args.base_model, "--base_model", BASE_RECIPE)
 
-def main() -> None:
-    use_passive_omp_wait()
-    args, data_args, lesson_args, training_args = parse_lesson_args(
-        LoRAArguments,
-        defaults=dict(
-            output_dir="runs/08_lora_sft", model_name="lora-sft-shakespeare", card_copy="model_cards/lora_sft.md",
-            max_steps=300, per_device_train_batch_size=16, learning_rate=3e-3, warmup_steps=20,
-            lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs='{"min_lr": 3e-4}', weight_decay=0.0,
-            max_grad_norm=1.0, logging_steps=25, bf16=True,  # trl's default precision, for both runs
-            sample_prompt="", sample_tokens=40, max_eval_tokens=20_000,
-        ),
-    )
-    output_dir = Path(training_args.output_dir)
-    base_folder = find_model_folder(args.base_model, "--base_model", BASE_RECIPE)
+# %% [markdown]
+# ## 1. Data: conversations through the chat template; the answers carry the loss.
 
-    # 1. Data: conversations through the chat template; the answers carry the loss.
-    tokenizer = add_chat_template(AutoTokenizer.from_pretrained(base_folder))
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    data = load_instruction_data(args.instruction_data)  # refuses a dataset without messages / prompt+completion, by name
-    if "messages" not in data["train"].column_names:
-        raise ValueError("lesson 8's recipe trains on conversational rows (a 'messages' column); this dataset has prompt/completion.")
-    steps, batch = training_args.max_steps, training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-    train = data["train"].shuffle(seed=training_args.seed).select(range(min(len(data["train"]), steps * batch)))
-    test = data["test"].shuffle(seed=training_args.seed).select(range(min(len(data["test"]), args.eval_rows)))
-    tokenize = dict(fn_kwargs={"tokenizer": tokenizer, "max_length": args.max_length})
-    train_ids = train.map(tokenize_conversation, remove_columns=train.column_names, **tokenize)
-    test_rows = test.map(tokenize_conversation, remove_columns=test.column_names, **tokenize).to_list()
-    prompts, references = [m[:-1] for m in test["messages"]], [m[-1]["content"] for m in test["messages"]]
-    mean_tokens = sum(len(r) for r in train_ids["input_ids"]) / len(train_ids)
-    print(f"{len(train)} training conversations ({mean_tokens:.0f} tokens on average), {len(test)} held-out ones")
-    if not lesson_args.sample_prompt:
-        lesson_args.sample_prompt = tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, tokenize=False)
+# %%
+tokenizer = add_chat_template(AutoTokenizer.from_pretrained(base_folder))
+tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+data = load_instruction_data(args.instruction_data)  # refuses a dataset without messages / prompt+completion, by name
+if "messages" not in data["train"].column_names:
+    raise ValueError("lesson 8's recipe trains on conversational rows (a 'messages' column); this dataset has prompt/completion.")
+steps, batch = training_args.max_steps, training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+train = data["train"].shuffle(seed=training_args.seed).select(range(min(len(data["train"]), steps * batch)))
+test = data["test"].shuffle(seed=training_args.seed).select(range(min(len(data["test"]), args.eval_rows)))
+tokenize = dict(fn_kwargs={"tokenizer": tokenizer, "max_length": args.max_length})
+train_ids = train.map(tokenize_conversation, remove_columns=train.column_names, **tokenize)
+test_rows = test.map(tokenize_conversation, remove_columns=test.column_names, **tokenize).to_list()
+prompts, references = [m[:-1] for m in test["messages"]], [m[-1]["content"] for m in test["messages"]]
+mean_tokens = sum(len(r) for r in train_ids["input_ids"]) / len(train_ids)
+print(f"{len(train)} training conversations ({mean_tokens:.0f} tokens on average), {len(test)} held-out ones")
+if not lesson_args.sample_prompt:
+    lesson_args.sample_prompt = tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, tokenize=False)
 
-    corpus = load_lesson_corpus(data_args)
-    held_out = "test" if "test" in corpus else "validation"  # bits per byte on held-out text: did SFT hurt the LM?
-    byte_lengths = token_byte_lengths(tokenizer)
+corpus = load_lesson_corpus(data_args)
+held_out = "test" if "test" in corpus else "validation"  # bits per byte on held-out text: did SFT hurt the LM?
+byte_lengths = token_byte_lengths(tokenizer)
 
-    def evaluate(model: torch.nn.Module) -> dict:
-        answers = generate_answers(model, tokenizer, prompts, args.max_new_tokens)
-        return dict(response=response_loss(model, test_rows, tokenizer.pad_token_id), task=score_next_lines(answers, references),
-                    examples=[dict(prompt=p[-1]["content"], reference=r, answer=a) for p, r, a in list(zip(prompts, references, answers))[:3]],
-                    held_out_text=evaluate_splits(model, tokenizer, corpus, byte_lengths, model.config.max_position_embeddings,
-                                                  data_args.max_eval_tokens, splits=(held_out,)))
+def evaluate(model: torch.nn.Module) -> dict:
+    answers = generate_answers(model, tokenizer, prompts, args.max_new_tokens)
+    return dict(response=response_loss(model, test_rows, tokenizer.pad_token_id), task=score_next_lines(answers, references),
+                examples=[dict(prompt=p[-1]["content"], reference=r, answer=a) for p, r, a in list(zip(prompts, references, answers))[:3]],
+                held_out_text=evaluate_splits(model, tokenizer, corpus, byte_lengths, model.config.max_position_embeddings,
+                                              data_args.max_eval_tokens, splits=(held_out,)))
 
-    # 2. The base, scored before fine-tuning.
-    def load_base() -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(base_folder)
+# %% [markdown]
+# ## 2. The base, scored before fine-tuning.
 
-    results: dict = {"machine": describe_machine().to_dict(), "base_model": str(base_folder), "before": evaluate(load_base())}
+# %%
+def load_base() -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(base_folder)
 
-    # 3a. trl's SFTTrainer + peft LoRA: every linear layer of the decoder, the tied LM head left alone.
-    lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
-    settings = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    settings["eval_strategy"] = "no"  # the held-out numbers come from evaluate() before and after
-    config = SFTConfig(**settings, assistant_only_loss=True, max_length=args.max_length, packing=False)
-    set_seed(training_args.seed)
-    throughput = ThroughputCallback(int(batch * mean_tokens))
-    trainer = SFTTrainer(
-        model=load_base(), args=dataclasses.replace(config, output_dir=str(output_dir / "trl")), train_dataset=train,
-        processing_class=tokenizer, callbacks=[throughput],
-        peft_config=LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules="all-linear"),
-    )
-    trainer.train()
-    peft_model = trainer.model.eval()
+results: dict = {"machine": describe_machine().to_dict(), "base_model": str(base_folder), "before": evaluate(load_base())}
 
-    # 3b. The hand-written LoRA on lesson 7's loop, same rows in the same order, same settings object.
-    set_seed(training_args.seed)
-    hand_model = apply_lora(load_base(), LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"], target_modules="all-linear"))
-    loop = TrainingLoop(hand_model, train_ids, dataclasses.replace(config, output_dir=str(output_dir / "hand")),
-                        collate=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"))
-    hand = loop.train()
-    hand_model = loop.accelerator.unwrap_model(loop.model).eval()
+# 3a. trl's SFTTrainer + peft LoRA: every linear layer of the decoder, the tied LM head left alone.
+lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
+settings = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+settings["eval_strategy"] = "no"  # the held-out numbers come from evaluate() before and after
+config = SFTConfig(**settings, assistant_only_loss=True, max_length=args.max_length, packing=False)
+set_seed(training_args.seed)
+throughput = ThroughputCallback(int(batch * mean_tokens))
+trainer = SFTTrainer(
+    model=load_base(), args=dataclasses.replace(config, output_dir=str(output_dir / "trl")), train_dataset=train,
+    processing_class=tokenizer, callbacks=[throughput],
+    peft_config=LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules="all-linear"),
+)
+trainer.train()
+peft_model = trainer.model.eval()
 
-    # 4. Evaluate both, side by side with the base.
-    trainable = {"peft": list(peft_model.get_nb_trainable_parameters()), "hand": list(trainable_parameters(hand_model))}
-    results["after_peft"], results["after_hand"] = evaluate(peft_model), evaluate(hand_model)
-    results["trainable_parameters"] = trainable
-    results["tokens_per_second"] = {"trl + peft": throughput.tokens_per_second, "hand loop + hand LoRA": hand.tokens_per_second,
-                                    "hand_over_trl": hand.tokens_per_second / throughput.tokens_per_second}
-    header = "| model | response loss | response perplexity | format | exact | near | task score | trainable | tokens/s | held-out bits/byte |"
-    table = [header, "|---|---|---|---|---|---|---|---|---|---|"]
-    for label, key, params, speed in (("base (lesson 5)", "before", None, None),
-                                      ("trl SFTTrainer + peft LoRA", "after_peft", trainable["peft"], throughput.tokens_per_second),
-                                      ("hand LoRA + lesson 7 loop", "after_hand", trainable["hand"], hand.tokens_per_second)):
-        row = results[key]
-        share = f"{params[0]:,} ({params[0] / params[1]:.1%})" if params else "-"
-        table.append(f"| {label} | {row['response']['loss']:.3f} | {row['response']['perplexity']:.1f} | {row['task']['format']:.1%} | "
-                     f"{row['task']['exact']:.1%} | {row['task']['near']:.3f} | {row['task']['task']:.3f} | {share} | {f'{speed:,.0f}' if speed else '-'} | "
-                     f"{row['held_out_text'][held_out]['bits_per_byte']:.4f} |")
-    results["table"] = table = "\n".join(table)
-    print(f"\nheld-out plays, {len(test)} conversations:\n{table}")
-    for example in results["after_hand"]["examples"]:
-        print(f"\n{example['prompt']}\n  true:   {example['reference']}\n  answer: {example['answer']}")
+# 3b. The hand-written LoRA on lesson 7's loop, same rows in the same order, same settings object.
+set_seed(training_args.seed)
+hand_model = apply_lora(load_base(), LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"], target_modules="all-linear"))
+loop = TrainingLoop(hand_model, train_ids, dataclasses.replace(config, output_dir=str(output_dir / "hand")),
+                    collate=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"))
+hand = loop.train()
+hand_model = loop.accelerator.unwrap_model(loop.model).eval()
 
-    # 5. Save: the adapters alone (three formats), then the hand adapter merged into the base, with its card.
-    adapters = output_dir / "adapters"
-    save_lora(hand_model, adapters / "hand")
-    lora_to_peft(hand_model, adapters / "hand-peft", base_model_name_or_path=str(base_folder))
-    peft_model.save_pretrained(adapters / "trl-peft")
-    results["adapters"] = {name: str(adapters / name) for name in ("hand", "hand-peft", "trl-peft")}
-    merged = merge_lora(hand_model)
-    results[held_out] = results["after_hand"]["held_out_text"][held_out]
-    after, before = results["after_hand"], results["before"]
-    card = dict(
-        summary=(f"Lesson 5's modern decoder (`{base_folder}`) fine-tuned on the plays' next-line task with a hand-written LoRA "
-                 f"(rank {lora['rank']}, alpha {lora['alpha']:g}, every linear layer but the tied LM head; "
-                 f"{trainable['hand'][0]:,} trainable parameters, {trainable['hand'][0] / trainable['hand'][1]:.1%}) on lesson 7's loop, "
-                 f"then merged. On held-out plays its answers keep the task's format {after['task']['format']:.0%} of the time "
-                 f"(base {before['task']['format']:.0%}), task score {after['task']['task']:.3f} (base {before['task']['task']:.3f}), "
-                 f"response loss {after['response']['loss']:.3f} (base {before['response']['loss']:.3f}).\n\n{table}"),
-        lesson="8 (supervised fine-tuning with LoRA)", recipe="recipes/08_lora_sft.py", tags=["lora", "sft", "peft", "trl"],
-        tokenizer=f"lesson 5's byte-level BPE ({len(tokenizer)} tokens) with the zoo's chat template",
-        limitations=("A 2M-parameter model: it learns the answer format and the voice of a reply, rarely Shakespeare's exact line. "
-                     "The chat template's markers are plain text, and the model knows only this one task."),
-        training=dict(method="LoRA SFT, answers only", steps=steps, conversations_per_step=batch, learning_rate=training_args.learning_rate,
-                      base=str(base_folder)),
-    )
-    finish_lesson(merged, tokenizer, training_args, lesson_args, data_args, results, card)
+# %% [markdown]
+# ## 4. Evaluate both, side by side with the base.
 
+# %%
+trainable = {"peft": list(peft_model.get_nb_trainable_parameters()), "hand": list(trainable_parameters(hand_model))}
+results["after_peft"], results["after_hand"] = evaluate(peft_model), evaluate(hand_model)
+results["trainable_parameters"] = trainable
+results["tokens_per_second"] = {"trl + peft": throughput.tokens_per_second, "hand loop + hand LoRA": hand.tokens_per_second,
+                                "hand_over_trl": hand.tokens_per_second / throughput.tokens_per_second}
+header = "| model | response loss | response perplexity | format | exact | near | task score | trainable | tokens/s | held-out bits/byte |"
+table = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+for label, key, params, speed in (("base (lesson 5)", "before", None, None),
+                                  ("trl SFTTrainer + peft LoRA", "after_peft", trainable["peft"], throughput.tokens_per_second),
+                                  ("hand LoRA + lesson 7 loop", "after_hand", trainable["hand"], hand.tokens_per_second)):
+    row = results[key]
+    share = f"{params[0]:,} ({params[0] / params[1]:.1%})" if params else "-"
+    table.append(f"| {label} | {row['response']['loss']:.3f} | {row['response']['perplexity']:.1f} | {row['task']['format']:.1%} | "
+                 f"{row['task']['exact']:.1%} | {row['task']['near']:.3f} | {row['task']['task']:.3f} | {share} | {f'{speed:,.0f}' if speed else '-'} | "
+                 f"{row['held_out_text'][held_out]['bits_per_byte']:.4f} |")
+results["table"] = table = "\n".join(table)
+print(f"\nheld-out plays, {len(test)} conversations:\n{table}")
+for example in results["after_hand"]["examples"]:
+    print(f"\n{example['prompt']}\n  true:   {example['reference']}\n  answer: {example['answer']}")
 
-if __name__ == "__main__":
-    main()
+# %% [markdown]
+# ## 5. Save: the adapters alone (three formats), then the hand adapter merged into the base, with its card.
+
+# %%
+adapters = output_dir / "adapters"
+save_lora(hand_model, adapters / "hand")
+lora_to_peft(hand_model, adapters / "hand-peft", base_model_name_or_path=str(base_folder))
+peft_model.save_pretrained(adapters / "trl-peft")
+results["adapters"] = {name: str(adapters / name) for name in ("hand", "hand-peft", "trl-peft")}
+merged = merge_lora(hand_model)
+results[held_out] = results["after_hand"]["held_out_text"][held_out]
+after, before = results["after_hand"], results["before"]
+card = dict(
+    summary=(f"Lesson 5's modern decoder (`{base_folder}`) fine-tuned on the plays' next-line task with a hand-written LoRA "
+             f"(rank {lora['rank']}, alpha {lora['alpha']:g}, every linear layer but the tied LM head; "
+             f"{trainable['hand'][0]:,} trainable parameters, {trainable['hand'][0] / trainable['hand'][1]:.1%}) on lesson 7's loop, "
+             f"then merged. On held-out plays its answers keep the task's format {after['task']['format']:.0%} of the time "
+             f"(base {before['task']['format']:.0%}), task score {after['task']['task']:.3f} (base {before['task']['task']:.3f}), "
+             f"response loss {after['response']['loss']:.3f} (base {before['response']['loss']:.3f}).\n\n{table}"),
+    lesson="8 (supervised fine-tuning with LoRA)", recipe="recipes/08_lora_sft.py", tags=["lora", "sft", "peft", "trl"],
+    tokenizer=f"lesson 5's byte-level BPE ({len(tokenizer)} tokens) with the zoo's chat template",
+    limitations=("A 2M-parameter model: it learns the answer format and the voice of a reply, rarely Shakespeare's exact line. "
+                 "The chat template's markers are plain text, and the model knows only this one task."),
+    training=dict(method="LoRA SFT, answers only", steps=steps, conversations_per_step=batch, learning_rate=training_args.learning_rate,
+                  base=str(base_folder)),
+)
+finish_lesson(merged, tokenizer, training_args, lesson_args, data_args, results, card)

@@ -1,31 +1,32 @@
-"""Lesson 9: INT8 quantization by hand, next to bitsandbytes and llama.cpp, on lesson 5's model.
+# %% [markdown]
+# # Lesson 9: INT8 quantization by hand, next to bitsandbytes and llama.cpp, on lesson 5's model.
+#
+# What the lesson shows
+# ---------------------
+# 1. Seven ways to hold the same trained model: fp32, bf16, the hand-written int8 of
+#    ``hf_models/int8.py`` in three schemes (weight-only, LLM.int8(), W8A8), and bitsandbytes' int8
+#    and NF4, each loaded the way a user loads it: ``from_pretrained(folder, quantization_config=...)``.
+#    Plus llama.cpp's Q8_0 (GGUF export, ``hf_models.conversion.gguf``) when llama-cpp-python is installed.
+# 2. One table: memory of the quantized linear layers (the tied LM head is the embedding, kept in
+#    fp32 and counted with the whole model) and of the whole model; held-out perplexity and bits per byte with the
+#    change against fp32; greedy-generation tokens/s at batch 1 and 8 as ratios to fp32, timed side
+#    by side in interleaved rounds (``hf_models.benchmarking.time_interleaved``); and how many greedy
+#    tokens each variant shares with fp32 over a fixed set of held-out prompts.
+# 3. Int8 *compute*: one linear layer of a realistic width, every scheme timed against fp32.
+# 4. The outlier story of LLM.int8() (Dettmers et al. 2022): where this model's activations exceed
+#    the 6.0 threshold, and what happens to per-token absmax int8 when a few features are 60x larger
+#    than the rest (as they are in every layer of models past ~6.7B parameters), against the
+#    decomposition that multiplies those columns in floating point.
+# 5. The int8 model saved as a folder with its card: it reloads quantized with ``from_pretrained``
+#    (also with ``trust_remote_code`` where hf_models is not installed).
+#
+# Threads: one by default (a shared 2-core machine; see lesson 6).
+#
+# Run:
+#     python recipes/09_quantization.py                        # a few minutes on 2 CPU cores
+#     python recipes/09_quantization.py --model path/to/any/zoo/decoder/folder
 
-What the lesson shows
----------------------
-1. Seven ways to hold the same trained model: fp32, bf16, the hand-written int8 of
-   ``hf_models/int8.py`` in three schemes (weight-only, LLM.int8(), W8A8), and bitsandbytes' int8
-   and NF4, each loaded the way a user loads it: ``from_pretrained(folder, quantization_config=...)``.
-   Plus llama.cpp's Q8_0 (GGUF export, ``hf_models.conversion.gguf``) when llama-cpp-python is installed.
-2. One table: memory of the quantized linear layers (the tied LM head is the embedding, kept in
-   fp32 and counted with the whole model) and of the whole model; held-out perplexity and bits per byte with the
-   change against fp32; greedy-generation tokens/s at batch 1 and 8 as ratios to fp32, timed side
-   by side in interleaved rounds (``hf_models.benchmarking.time_interleaved``); and how many greedy
-   tokens each variant shares with fp32 over a fixed set of held-out prompts.
-3. Int8 *compute*: one linear layer of a realistic width, every scheme timed against fp32.
-4. The outlier story of LLM.int8() (Dettmers et al. 2022): where this model's activations exceed
-   the 6.0 threshold, and what happens to per-token absmax int8 when a few features are 60x larger
-   than the rest (as they are in every layer of models past ~6.7B parameters), against the
-   decomposition that multiplies those columns in floating point.
-5. The int8 model saved as a folder with its card: it reloads quantized with ``from_pretrained``
-   (also with ``trust_remote_code`` where hf_models is not installed).
-
-Threads: one by default (a shared 2-core machine; see lesson 6).
-
-Run:
-    python recipes/09_quantization.py                        # a few minutes on 2 CPU cores
-    python recipes/09_quantization.py --model path/to/any/zoo/decoder/folder
-"""
-
+# %%
 from __future__ import annotations
 
 import sys
@@ -42,7 +43,7 @@ from hf_models.evaluation import evaluate_token_stream
 from hf_models.files import save_folder_atomically, write_json_atomically
 from hf_models.int8 import DEFAULT_THRESHOLD, Int8Linear, absmax_quantize, llm_int8_matmul, outlier_columns, w8a8_matmul
 from hf_models.tokenization import token_byte_lengths
-from hf_models.training import DataArguments, build_model_card, load_lesson_corpus
+from hf_models.training import DataArguments, build_model_card, load_lesson_corpus, recipe_argv
 
 
 @dataclass
@@ -194,124 +195,140 @@ def llama_cpp_row(model, tokenizer, texts: list[str], prompt_texts: list[str], n
 
 # ----------------------------------------------------------------------------- the lesson
 
+# %%
+args, data_args = HfArgumentParser((QuantizationArguments, DataArguments)).parse_args_into_dataclasses(args=recipe_argv())
+torch.set_num_threads(args.threads)
+torch.set_grad_enabled(False)
+folder, output_dir = Path(args.model), Path(args.output_dir)
+if not (folder / "config.json").exists():
+    sys.exit(f"{folder} holds no model. Train lesson 5's first (python recipes/05_modern_gpt.py), or pass --model FOLDER.")
 
-def main() -> None:
-    args, data_args = HfArgumentParser((QuantizationArguments, DataArguments)).parse_args_into_dataclasses()
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    folder, output_dir = Path(args.model), Path(args.output_dir)
-    if not (folder / "config.json").exists():
-        sys.exit(f"{folder} holds no model. Train lesson 5's first (python recipes/05_modern_gpt.py), or pass --model FOLDER.")
+# %% [markdown]
+# ## 1. Data: the held-out split of the corpus the model was trained on, and a fixed prompt set.
 
-    # 1. Data: the held-out split of the corpus the model was trained on, and a fixed prompt set.
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    corpus = load_lesson_corpus(data_args)
-    split = "test" if "test" in corpus else "validation"
-    stream = split_token_ids(corpus[split], tokenizer)
-    byte_lengths = token_byte_lengths(tokenizer)
-    prompts = held_out_prompts(stream, args.prompts, args.prompt_tokens)  # (P, T)
+# %%
+tokenizer = AutoTokenizer.from_pretrained(folder)
+corpus = load_lesson_corpus(data_args)
+split = "test" if "test" in corpus else "validation"
+stream = split_token_ids(corpus[split], tokenizer)
+byte_lengths = token_byte_lengths(tokenizer)
+prompts = held_out_prompts(stream, args.prompts, args.prompt_tokens)  # (P, T)
 
-    # 2. The variants, each loaded from the folder as a user would.
-    models = {name: AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval() for name, kwargs in VARIANTS.items()}
-    context = models["fp32"].config.max_position_embeddings
-    if args.prompt_tokens + args.new_tokens > context:
-        sys.exit(f"--prompt_tokens + --new_tokens = {args.prompt_tokens + args.new_tokens} exceeds the model's context {context}.")
+# %% [markdown]
+# ## 2. The variants, each loaded from the folder as a user would.
 
-    # 3. Quality: held-out perplexity and bits per byte, and greedy agreement with fp32.
-    rows = {}
-    reference = greedy(models["fp32"], prompts, args.new_tokens)
-    for name, model in models.items():
-        metrics = evaluate_token_stream(model, stream, byte_lengths, context, max_tokens=data_args.max_eval_tokens)
-        tokens = greedy(model, prompts, args.new_tokens)
-        rows[name] = dict(linear_weight_bytes=linear_weight_bytes(model), model_bytes=model.get_memory_footprint(),
-                          perplexity=metrics["perplexity"], bits_per_byte=metrics["bits_per_byte"], held_out=metrics,
-                          greedy_agreement=(tokens == reference).float().mean().item())
-        print(f"evaluated {name}: perplexity {metrics['perplexity']:.3f}")
+# %%
+models = {name: AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval() for name, kwargs in VARIANTS.items()}
+context = models["fp32"].config.max_position_embeddings
+if args.prompt_tokens + args.new_tokens > context:
+    sys.exit(f"--prompt_tokens + --new_tokens = {args.prompt_tokens + args.new_tokens} exceeds the model's context {context}.")
 
-    # 4. Speed: greedy generation at batch 1 and 8, every variant once per round, in rotating order.
-    machine = describe_machine()
-    timings = {}
-    for batch in (1, args.prompts):
-        batch_prompts = prompts[:batch]
-        timings[batch] = time_interleaved({name: (lambda m=model: greedy(m, batch_prompts, args.new_tokens)) for name, model in models.items()},
-                                          rounds=args.rounds, warmup=1)
-        for name in models:
-            rows[name][f"tokens_per_second_batch{batch}"] = batch * args.new_tokens / timings[batch].median_seconds[name]
-            rows[name][f"speed_vs_fp32_batch{batch}"] = asdict(timings[batch].speedup(name, "fp32"))
+# %% [markdown]
+# ## 3. Quality: held-out perplexity and bits per byte, and greedy agreement with fp32.
 
-    # 5. llama.cpp Q8_0, if installed (not interleaved with the rest: its own process and clock).
-    texts = ["".join(corpus[split]["text"])]
-    llama = llama_cpp_row(models["fp32"], tokenizer, texts, tokenizer.batch_decode(prompts), args.new_tokens, output_dir)
+# %%
+rows = {}
+reference = greedy(models["fp32"], prompts, args.new_tokens)
+for name, model in models.items():
+    metrics = evaluate_token_stream(model, stream, byte_lengths, context, max_tokens=data_args.max_eval_tokens)
+    tokens = greedy(model, prompts, args.new_tokens)
+    rows[name] = dict(linear_weight_bytes=linear_weight_bytes(model), model_bytes=model.get_memory_footprint(),
+                      perplexity=metrics["perplexity"], bits_per_byte=metrics["bits_per_byte"], held_out=metrics,
+                      greedy_agreement=(tokens == reference).float().mean().item())
+    print(f"evaluated {name}: perplexity {metrics['perplexity']:.3f}")
 
-    # 6. The table.
-    fp32 = rows["fp32"]
-    print(f"\nlesson 9 on {folder} ({models['fp32'].num_parameters():,} parameters), held-out split {split!r}, "
-          f"{args.prompts} prompts x {args.new_tokens} greedy tokens; machine: {machine.summary()}")
-    print(f"{'variant':<24}{'linear MB':>10}{'x fp32':>8}{'model MB':>10}{'ppl':>9}{'d ppl':>8}{'bpb':>8}{'d bpb':>8}"
-          f"{'speed b1':>18}{'speed b8':>18}{'agree':>7}")
-    for name, row in rows.items():
-        print(f"{name:<24}{row['linear_weight_bytes'] / 1e6:>10.3f}{row['linear_weight_bytes'] / fp32['linear_weight_bytes']:>8.2f}"
-              f"{row['model_bytes'] / 1e6:>10.3f}{row['perplexity']:>9.3f}{100 * (row['perplexity'] / fp32['perplexity'] - 1):>7.2f}%"
-              f"{row['bits_per_byte']:>8.4f}{row['bits_per_byte'] - fp32['bits_per_byte']:>+8.4f}"
-              f"{timings[1].speedup(name, 'fp32').band():>18}{timings[args.prompts].speedup(name, 'fp32').band():>18}"
-              f"{row['greedy_agreement']:>7.1%}")
-    if isinstance(llama, dict):
-        same = [list(ids)[-args.new_tokens:] == ref for ids, ref in zip(llama["greedy_ids"], reference.tolist())]
-        llama["greedy_agreement_sequences"] = sum(same) / len(same)
-        print(f"{'llama.cpp Q8_0':<24}{'':>18}{llama['file_mb']:>10.3f}{'':>17}{llama['bits_per_byte']:>8.4f}"
-              f"{llama['bits_per_byte'] - fp32['bits_per_byte']:>+8.4f}{llama['tokens_per_second']:>12.1f} tok/s (own process, not interleaved)"
-              f"   identical sequences {llama['greedy_agreement_sequences']:.0%}")
-    else:
-        print(f"{'llama.cpp Q8_0':<24}{llama}")
-    print("speed: median of per-round time ratios fp32 / variant (> 1: faster than fp32), (q1-q3) the noise band.")
+# %% [markdown]
+# ## 4. Speed: greedy generation at batch 1 and 8, every variant once per round, in rotating order.
 
-    layer = layer_speed(args.layer_width, (1, 128), args.rounds)
-    print(f"\nint8 compute, one {args.layer_width} x {args.layer_width} linear layer: speed vs fp32 (> 1: faster), (q1-q3)")
-    print(f"  {'variant':<24}" + "".join(f"{f'{count} token(s)':>20}" for count in layer))
-    for name in layer[1]:
-        print(f"  {name:<24}" + "".join(f"{PairedRatio(**layer[count][name]).band():>20}" for count in layer))
+# %%
+machine = describe_machine()
+timings = {}
+for batch in (1, args.prompts):
+    batch_prompts = prompts[:batch]
+    timings[batch] = time_interleaved({name: (lambda m=model: greedy(m, batch_prompts, args.new_tokens)) for name, model in models.items()},
+                                      rounds=args.rounds, warmup=1)
+    for name in models:
+        rows[name][f"tokens_per_second_batch{batch}"] = batch * args.new_tokens / timings[batch].median_seconds[name]
+        rows[name][f"speed_vs_fp32_batch{batch}"] = asdict(timings[batch].speedup(name, "fp32"))
 
-    story = outlier_story(models["fp32"], prompts)
-    print(f"\noutliers in this model: linear inputs with |x| >= {DEFAULT_THRESHOLD} (relative output error from activation int8):")
-    print(f"  {'layer':<34}{'max |x|':>9}{'feats>=6':>10}{'absmax int8':>13}{'LLM.int8()':>12}")
-    top = sorted(story["layers"].items(), key=lambda item: -item[1]["max_abs_activation"])[:5]
-    for name, row in top:
-        print(f"  {name:<34}{row['max_abs_activation']:>9.2f}{row['outlier_features']:>10}{row['absmax_int8']:>13.4f}{row['llm_int8']:>12.4f}")
-    injected = story["injected"]
-    print(f"  3 features x 60 injected into {injected['layer']}: absmax int8 error {injected['absmax_int8']:.4f}, "
-          f"LLM.int8() {injected['llm_int8']:.4f} ({injected['outlier_features']} outlier features cut out)")
+# %% [markdown]
+# ## 5. llama.cpp Q8_0, if installed (not interleaved with the rest: its own process and clock).
 
-    # 7. Save the hand int8 model (it reloads quantized, also with trust_remote_code) with its card.
-    saved = models[{"weight_only": "hand int8 weight-only", "llm_int8": "hand LLM.int8()", "w8a8": "hand W8A8"}[args.saved_scheme]]
-    name = next(n for n, m in models.items() if m is saved)
-    card = build_model_card(
-        model_name=args.model_name, lesson="9 (INT8 quantization by hand)", recipe="recipes/09_quantization.py",
-        summary=f"Lesson 5's modern decoder with every linear layer but the tied LM head in int8 ({args.saved_scheme}: absmax, "
-        f"symmetric, per output channel; hf_models/int8.py). Load: AutoModelForCausalLM.from_pretrained(folder) "
-        f"(or trust_remote_code=True without hf_models).",
-        dataset=data_args.dataset, tokenizer=f"{len(tokenizer)} tokens, as lesson 5",
-        results={split: rows[name]["held_out"]},
-        training={"quantization": f"{name}, post-training, no calibration data", "source model": str(folder),
-                  "perplexity vs fp32": f"{100 * (rows[name]['perplexity'] / fp32['perplexity'] - 1):+.2f}%",
-                  "linear weights vs fp32": f"{rows[name]['linear_weight_bytes'] / fp32['linear_weight_bytes']:.2f}x"},
-        limitations="Post-training int8 of a 2M-parameter model trained for minutes; the activations of models this small "
-        "have no LLM.int8()-style outlier features. Int8 weights are frozen (train adapters beside them).",
-        tags=["int8", "quantization", "llm.int8"],
-    )
+# %%
+texts = ["".join(corpus[split]["text"])]
+llama = llama_cpp_row(models["fp32"], tokenizer, texts, tokenizer.batch_decode(prompts), args.new_tokens, output_dir)
 
-    def write(tmp: Path) -> None:
-        saved.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        card.save(tmp / "README.md")
+# %% [markdown]
+# ## 6. The table.
 
-    int8_folder = save_folder_atomically(output_dir / args.model_name, write)
-    write_json_atomically(output_dir / "results.json", dict(
-        arguments=asdict(args), data=asdict(data_args), model_folder=str(folder), split=split, machine=machine.to_dict(),
-        results=rows, llama_cpp_q8_0=llama, outliers=story, single_layer_speed_vs_fp32=layer, int8_folder=str(int8_folder),
-        timings={f"batch{batch}": t.to_dict() for batch, t in timings.items()},
-    ))
-    print(f"\nint8 folder: {int8_folder}\nresults: {output_dir / 'results.json'}")
+# %%
+fp32 = rows["fp32"]
+print(f"\nlesson 9 on {folder} ({models['fp32'].num_parameters():,} parameters), held-out split {split!r}, "
+      f"{args.prompts} prompts x {args.new_tokens} greedy tokens; machine: {machine.summary()}")
+print(f"{'variant':<24}{'linear MB':>10}{'x fp32':>8}{'model MB':>10}{'ppl':>9}{'d ppl':>8}{'bpb':>8}{'d bpb':>8}"
+      f"{'speed b1':>18}{'speed b8':>18}{'agree':>7}")
+for name, row in rows.items():
+    print(f"{name:<24}{row['linear_weight_bytes'] / 1e6:>10.3f}{row['linear_weight_bytes'] / fp32['linear_weight_bytes']:>8.2f}"
+          f"{row['model_bytes'] / 1e6:>10.3f}{row['perplexity']:>9.3f}{100 * (row['perplexity'] / fp32['perplexity'] - 1):>7.2f}%"
+          f"{row['bits_per_byte']:>8.4f}{row['bits_per_byte'] - fp32['bits_per_byte']:>+8.4f}"
+          f"{timings[1].speedup(name, 'fp32').band():>18}{timings[args.prompts].speedup(name, 'fp32').band():>18}"
+          f"{row['greedy_agreement']:>7.1%}")
+if isinstance(llama, dict):
+    same = [list(ids)[-args.new_tokens:] == ref for ids, ref in zip(llama["greedy_ids"], reference.tolist())]
+    llama["greedy_agreement_sequences"] = sum(same) / len(same)
+    print(f"{'llama.cpp Q8_0':<24}{'':>18}{llama['file_mb']:>10.3f}{'':>17}{llama['bits_per_byte']:>8.4f}"
+          f"{llama['bits_per_byte'] - fp32['bits_per_byte']:>+8.4f}{llama['tokens_per_second']:>12.1f} tok/s (own process, not interleaved)"
+          f"   identical sequences {llama['greedy_agreement_sequences']:.0%}")
+else:
+    print(f"{'llama.cpp Q8_0':<24}{llama}")
+print("speed: median of per-round time ratios fp32 / variant (> 1: faster than fp32), (q1-q3) the noise band.")
 
+layer = layer_speed(args.layer_width, (1, 128), args.rounds)
+print(f"\nint8 compute, one {args.layer_width} x {args.layer_width} linear layer: speed vs fp32 (> 1: faster), (q1-q3)")
+print(f"  {'variant':<24}" + "".join(f"{f'{count} token(s)':>20}" for count in layer))
+for name in layer[1]:
+    print(f"  {name:<24}" + "".join(f"{PairedRatio(**layer[count][name]).band():>20}" for count in layer))
 
-if __name__ == "__main__":
-    main()
+story = outlier_story(models["fp32"], prompts)
+print(f"\noutliers in this model: linear inputs with |x| >= {DEFAULT_THRESHOLD} (relative output error from activation int8):")
+print(f"  {'layer':<34}{'max |x|':>9}{'feats>=6':>10}{'absmax int8':>13}{'LLM.int8()':>12}")
+top = sorted(story["layers"].items(), key=lambda item: -item[1]["max_abs_activation"])[:5]
+for name, row in top:
+    print(f"  {name:<34}{row['max_abs_activation']:>9.2f}{row['outlier_features']:>10}{row['absmax_int8']:>13.4f}{row['llm_int8']:>12.4f}")
+injected = story["injected"]
+print(f"  3 features x 60 injected into {injected['layer']}: absmax int8 error {injected['absmax_int8']:.4f}, "
+      f"LLM.int8() {injected['llm_int8']:.4f} ({injected['outlier_features']} outlier features cut out)")
+
+# %% [markdown]
+# ## 7. Save the hand int8 model (it reloads quantized, also with trust_remote_code) with its card.
+
+# %%
+saved = models[{"weight_only": "hand int8 weight-only", "llm_int8": "hand LLM.int8()", "w8a8": "hand W8A8"}[args.saved_scheme]]
+name = next(n for n, m in models.items() if m is saved)
+card = build_model_card(
+    model_name=args.model_name, lesson="9 (INT8 quantization by hand)", recipe="recipes/09_quantization.py",
+    summary=f"Lesson 5's modern decoder with every linear layer but the tied LM head in int8 ({args.saved_scheme}: absmax, "
+    f"symmetric, per output channel; hf_models/int8.py). Load: AutoModelForCausalLM.from_pretrained(folder) "
+    f"(or trust_remote_code=True without hf_models).",
+    dataset=data_args.dataset, tokenizer=f"{len(tokenizer)} tokens, as lesson 5",
+    results={split: rows[name]["held_out"]},
+    training={"quantization": f"{name}, post-training, no calibration data", "source model": str(folder),
+              "perplexity vs fp32": f"{100 * (rows[name]['perplexity'] / fp32['perplexity'] - 1):+.2f}%",
+              "linear weights vs fp32": f"{rows[name]['linear_weight_bytes'] / fp32['linear_weight_bytes']:.2f}x"},
+    limitations="Post-training int8 of a 2M-parameter model trained for minutes; the activations of models this small "
+    "have no LLM.int8()-style outlier features. Int8 weights are frozen (train adapters beside them).",
+    tags=["int8", "quantization", "llm.int8"],
+)
+
+def write(tmp: Path) -> None:
+    saved.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    card.save(tmp / "README.md")
+
+int8_folder = save_folder_atomically(output_dir / args.model_name, write)
+write_json_atomically(output_dir / "results.json", dict(
+    arguments=asdict(args), data=asdict(data_args), model_folder=str(folder), split=split, machine=machine.to_dict(),
+    results=rows, llama_cpp_q8_0=llama, outliers=story, single_layer_speed_vs_fp32=layer, int8_folder=str(int8_folder),
+    timings={f"batch{batch}": t.to_dict() for batch, t in timings.items()},
+))
+print(f"\nint8 folder: {int8_folder}\nresults: {output_dir / 'results.json'}")

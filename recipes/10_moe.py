@@ -1,35 +1,36 @@
-"""Lesson 10: mixture of experts. More parameters at the same compute per token.
+# %% [markdown]
+# # Lesson 10: mixture of experts. More parameters at the same compute per token.
+#
+# Lesson 5's decoder with its feed-forward replaced by ``E`` SwiGLU experts and a router that sends
+# each token to ``k`` of them (``hf_models/moe.py``; Mixtral's architecture, proven equal to
+# transformers' ``MixtralForCausalLM`` in tests/test_moe.py). Three trainings on the same data, in
+# the same order, at the same token budget and optimizer (lesson 7's tuned defaults: bf16 autocast,
+# warm-up then cosine):
+#
+# 1. **dense**: the modern decoder whose SwiGLU is ``k`` experts wide, so each token uses as many
+#    parameters ("active parameters") as in the MoE;
+# 2. **MoE + balancing loss**: the Switch Transformer's auxiliary loss (``router_aux_loss_coef``),
+#    taken per layer (``router_aux_loss_per_layer``). transformers' Mixtral counts all layers'
+#    tokens together, so expert ``e`` of one layer and expert ``e`` of another share one count and
+#    the layers' imbalances can cancel: measured here, that form left the busiest expert of the
+#    deepest layer at 3.2x its fair share, barely better than no loss at all (3.75x);
+# 3. **MoE, no balancing loss**: the same, coefficient 0, to see what the loss is for.
+#
+# Both MoE runs add ST-MoE's router z-loss (``router_z_loss_coef`` 0.001), which keeps the router's
+# logits small and its bf16 softmax stable.
+#
+# Reported side by side: held-out bits per byte, training tokens/s, total and active parameters,
+# and the expert load over training (``hf_models.training.expert_load``), plotted for both MoE runs
+# (``expert_load.png``). Then the trained MoE, its conversion to ``MixtralForCausalLM`` and the
+# trained dense model are timed on the same training step (forward + backward + AdamW) by
+# ``hf_models.benchmarking.time_interleaved``: tokens/s ratios measured in one run. The MoE trained
+# with the balancing loss is this lesson's saved model (card: model_cards/moe.md).
+#
+# Run:
+#     python recipes/10_moe.py                     # ~5 minutes on 2 idle CPU cores
+#     python recipes/10_moe.py --num_local_experts 4 --expert_intermediate_size 128   # smaller experts, top-2 of 4
 
-Lesson 5's decoder with its feed-forward replaced by ``E`` SwiGLU experts and a router that sends
-each token to ``k`` of them (``hf_models/moe.py``; Mixtral's architecture, proven equal to
-transformers' ``MixtralForCausalLM`` in tests/test_moe.py). Three trainings on the same data, in
-the same order, at the same token budget and optimizer (lesson 7's tuned defaults: bf16 autocast,
-warm-up then cosine):
-
-1. **dense**: the modern decoder whose SwiGLU is ``k`` experts wide, so each token uses as many
-   parameters ("active parameters") as in the MoE;
-2. **MoE + balancing loss**: the Switch Transformer's auxiliary loss (``router_aux_loss_coef``),
-   taken per layer (``router_aux_loss_per_layer``). transformers' Mixtral counts all layers'
-   tokens together, so expert ``e`` of one layer and expert ``e`` of another share one count and
-   the layers' imbalances can cancel: measured here, that form left the busiest expert of the
-   deepest layer at 3.2x its fair share, barely better than no loss at all (3.75x);
-3. **MoE, no balancing loss**: the same, coefficient 0, to see what the loss is for.
-
-Both MoE runs add ST-MoE's router z-loss (``router_z_loss_coef`` 0.001), which keeps the router's
-logits small and its bf16 softmax stable.
-
-Reported side by side: held-out bits per byte, training tokens/s, total and active parameters,
-and the expert load over training (``hf_models.training.expert_load``), plotted for both MoE runs
-(``expert_load.png``). Then the trained MoE, its conversion to ``MixtralForCausalLM`` and the
-trained dense model are timed on the same training step (forward + backward + AdamW) by
-``hf_models.benchmarking.time_interleaved``: tokens/s ratios measured in one run. The MoE trained
-with the balancing loss is this lesson's saved model (card: model_cards/moe.md).
-
-Run:
-    python recipes/10_moe.py                     # ~5 minutes on 2 idle CPU cores
-    python recipes/10_moe.py --num_local_experts 4 --expert_intermediate_size 128   # smaller experts, top-2 of 4
-"""
-
+# %%
 from __future__ import annotations
 
 import dataclasses
@@ -56,6 +57,7 @@ from hf_models.training import (
     prepare_lesson_data,
 )
 from hf_models.training.expert_load import ExpertLoadCallback, imbalance
+from hf_models.training.notebook import show
 
 
 @dataclass
@@ -80,121 +82,6 @@ class MoEArguments(DecoderArguments):
 MOE_TRAINING = dict(DECODER_TRAINING_DEFAULTS, max_steps=400, bf16=True, logging_steps=50)
 
 DENSE, MOE_AUX, MOE_NO_AUX = "dense", "MoE + balancing loss", "MoE, no balancing loss"
-
-
-def main() -> None:
-    # An MoE step is many small ops (a few matmuls per expert): on a shared machine, OpenMP threads
-    # spinning at each op's end would slow it by its op count, not its work (see hf_models.benchmarking).
-    use_passive_omp_wait()
-    args, data_args, lesson_args, training_args = parse_lesson_args(
-        MoEArguments,
-        defaults=dict(output_dir="runs/10_moe", model_name="moe-shakespeare", card_copy="model_cards/moe.md", **MOE_TRAINING),
-    )
-    output_dir = Path(training_args.output_dir)
-
-    # 1. Data: the lessons' corpus, BPE tokenizer and random windows; every run sees the same batches.
-    data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling)
-
-    # 2. The models: one attention stack, two feed-forwards of equal active width.
-    shared = dict(
-        vocab_size=len(data.tokenizer), max_position_embeddings=data_args.block_size, hidden_size=args.hidden_size,
-        num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_key_value_heads, dropout=args.dropout, eos_token_id=data.tokenizer.eos_token_id,
-    )
-    configs = {
-        DENSE: ModernDecoderConfig(**shared, intermediate_size=args.num_experts_per_tok * args.expert_intermediate_size),
-        **{
-            name: MoEDecoderConfig(
-                **shared, intermediate_size=args.expert_intermediate_size, num_local_experts=args.num_local_experts,
-                num_experts_per_tok=args.num_experts_per_tok, output_router_logits=True, router_aux_loss_coef=coef,
-                router_aux_loss_per_layer=args.router_aux_loss_per_layer, router_z_loss_coef=args.router_z_loss_coef,
-            )
-            for name, coef in ((MOE_AUX, args.router_aux_loss_coef), (MOE_NO_AUX, 0.0))
-        },
-    }
-
-    # 3. Train each on the same batches; measure held-out bits per byte and the expert load.
-    models, runs = {}, {}
-    for name, config in configs.items():
-        set_seed(training_args.seed)
-        model = (ModernDecoderForCausalLM if name == DENSE else MoEDecoderForCausalLM)(config)
-        # The whole held-out splits are measured after training, so no periodic evaluation; under DDP an
-        # expert that no token of a micro-batch chose has no gradient, so DDP must look for unused parameters.
-        run_args = dataclasses.replace(
-            training_args, output_dir=str(output_dir / "runs" / str(len(runs))), save_strategy="no", eval_strategy="no",
-            ddp_find_unused_parameters=name != DENSE,
-        )
-        trainer, throughput = build_trainer(
-            model, data.tokenizer, data.train_dataset, data.eval_dataset, run_args, data.byte_lengths, data_args.max_eval_blocks
-        )
-        load = ExpertLoadCallback(every=args.load_every) if name != DENSE else None
-        if load is not None:
-            trainer.add_callback(load)
-        trainer.train()
-        held_out = evaluate_splits(model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size, data_args.max_eval_tokens)
-        active = model.num_active_parameters() if name != DENSE else model.num_parameters()
-        runs[name] = dict(
-            **held_out, parameters=model.num_parameters(), active_parameters=active,
-            train_tokens_per_second=throughput.tokens_per_second,
-            losses={log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log},
-        )
-        if load is not None:
-            runs[name]["expert_load"] = {step: shares.tolist() for step, shares in load.load.history}
-            runs[name]["final_imbalance"] = imbalance(load.load.history[-1][1]).tolist()
-        models[name] = model
-        print(f"{name}: validation bits per byte {held_out['validation']['bits_per_byte']:.4f}, "
-              f"{throughput.tokens_per_second:,.0f} tokens/s")
-
-    # 4. Training speed side by side: our MoE, the same weights as transformers' Mixtral, the dense model.
-    timings = time_training_steps(models[MOE_AUX], models[DENSE], training_args, data_args.block_size, args.timing_rounds)
-
-    # 5. Report, plot, save the MoE trained with the balancing loss, with its card.
-    moe, dense = runs[MOE_AUX], runs[DENSE]
-    results = {
-        **{split: moe[split] for split in ("validation", "test") if split in moe},
-        "train_tokens_per_second": moe["train_tokens_per_second"],
-        "train_steps": training_args.max_steps,
-        "parameters": moe["parameters"],
-        "active_parameters": moe["active_parameters"],
-        "runs": runs,
-        "training_step_timing": timings,
-        "moe_beats_dense": moe["validation"]["bits_per_byte"] < dense["validation"]["bits_per_byte"],
-        "token_budget": training_args.max_steps * training_args.per_device_train_batch_size * training_args.world_size * data_args.block_size,
-        "machine": describe_machine().to_dict(),
-    }
-    print_table(runs, timings)
-    if training_args.process_index == 0:
-        plot_expert_load(runs, output_dir / "expert_load.png")
-    finish_lesson(
-        models[MOE_AUX], data.tokenizer, training_args, lesson_args, data_args, results,
-        card=dict(
-            lesson="10 (mixture of experts)",
-            recipe="recipes/10_moe.py",
-            summary=f"A Mixtral-style decoder ({args.num_hidden_layers} layers, width {args.hidden_size}, context "
-            f"{data_args.block_size}): each layer routes every token to {args.num_experts_per_tok} of "
-            f"{args.num_local_experts} SwiGLU experts, {moe['parameters']:,} parameters of which {moe['active_parameters']:,} "
-            "are active per token. Converts to transformers' MixtralForCausalLM with identical logits.",
-            tokenizer=data.tokenizer_description,
-            training={
-                "parameters": f"{moe['parameters']:,} ({moe['active_parameters']:,} active per token)",
-                "steps": training_args.max_steps,
-                "batch": f"{training_args.per_device_train_batch_size * training_args.world_size} x {data_args.block_size} tokens",
-                "precision": "bf16 autocast" if training_args.bf16 else "fp32",
-                "balancing loss": f"router_aux_loss_coef {args.router_aux_loss_coef} "
-                f"({'per layer' if args.router_aux_loss_per_layer else 'all layers counted together'}), "
-                f"router_z_loss_coef {args.router_z_loss_coef}",
-                "training throughput": f"{moe['train_tokens_per_second']:,.0f} tokens/s",
-            },
-            extra={
-                "dense model, equal active parameters, validation bits per byte": round(dense["validation"]["bits_per_byte"], 4),
-                "MoE without balancing loss, validation bits per byte": round(runs[MOE_NO_AUX]["validation"]["bits_per_byte"], 4),
-            },
-            limitations="Minutes of CPU training on a few MB of plays: Shakespeare-shaped text without meaning. At this scale "
-            "the router has seen few tokens per expert; generation runs every expert on each new token (no host sync), "
-            "which is the right trade only for small batches.",
-            tags=["mixtral", "moe", "mixture-of-experts", "decoder"],
-        ),
-    )
 
 
 def time_training_steps(moe: MoEDecoderForCausalLM, dense: ModernDecoderForCausalLM, training_args: TrainingArguments,
@@ -281,6 +168,132 @@ def plot_expert_load(runs: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
+# %%
+# An MoE step is many small ops (a few matmuls per expert): on a shared machine, OpenMP threads
+# spinning at each op's end would slow it by its op count, not its work (see hf_models.benchmarking).
+use_passive_omp_wait()
+args, data_args, lesson_args, training_args = parse_lesson_args(
+    MoEArguments,
+    defaults=dict(output_dir="runs/10_moe", model_name="moe-shakespeare", card_copy="model_cards/moe.md", **MOE_TRAINING),
+)
+output_dir = Path(training_args.output_dir)
 
-if __name__ == "__main__":
-    main()
+# %% [markdown]
+# ## 1. Data: the lessons' corpus, BPE tokenizer and random windows; every run sees the same batches.
+
+# %%
+data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling)
+
+# %% [markdown]
+# ## 2. The models: one attention stack, two feed-forwards of equal active width.
+
+# %%
+shared = dict(
+    vocab_size=len(data.tokenizer), max_position_embeddings=data_args.block_size, hidden_size=args.hidden_size,
+    num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
+    num_key_value_heads=args.num_key_value_heads, dropout=args.dropout, eos_token_id=data.tokenizer.eos_token_id,
+)
+configs = {
+    DENSE: ModernDecoderConfig(**shared, intermediate_size=args.num_experts_per_tok * args.expert_intermediate_size),
+    **{
+        name: MoEDecoderConfig(
+            **shared, intermediate_size=args.expert_intermediate_size, num_local_experts=args.num_local_experts,
+            num_experts_per_tok=args.num_experts_per_tok, output_router_logits=True, router_aux_loss_coef=coef,
+            router_aux_loss_per_layer=args.router_aux_loss_per_layer, router_z_loss_coef=args.router_z_loss_coef,
+        )
+        for name, coef in ((MOE_AUX, args.router_aux_loss_coef), (MOE_NO_AUX, 0.0))
+    },
+}
+
+# %% [markdown]
+# ## 3. Train each on the same batches; measure held-out bits per byte and the expert load.
+
+# %%
+models, runs = {}, {}
+for name, config in configs.items():
+    set_seed(training_args.seed)
+    model = (ModernDecoderForCausalLM if name == DENSE else MoEDecoderForCausalLM)(config)
+    # The whole held-out splits are measured after training, so no periodic evaluation; under DDP an
+    # expert that no token of a micro-batch chose has no gradient, so DDP must look for unused parameters.
+    run_args = dataclasses.replace(
+        training_args, output_dir=str(output_dir / "runs" / str(len(runs))), save_strategy="no", eval_strategy="no",
+        ddp_find_unused_parameters=name != DENSE,
+    )
+    trainer, throughput = build_trainer(
+        model, data.tokenizer, data.train_dataset, data.eval_dataset, run_args, data.byte_lengths, data_args.max_eval_blocks
+    )
+    load = ExpertLoadCallback(every=args.load_every) if name != DENSE else None
+    if load is not None:
+        trainer.add_callback(load)
+    trainer.train()
+    held_out = evaluate_splits(model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size, data_args.max_eval_tokens)
+    active = model.num_active_parameters() if name != DENSE else model.num_parameters()
+    runs[name] = dict(
+        **held_out, parameters=model.num_parameters(), active_parameters=active,
+        train_tokens_per_second=throughput.tokens_per_second,
+        losses={log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log},
+    )
+    if load is not None:
+        runs[name]["expert_load"] = {step: shares.tolist() for step, shares in load.load.history}
+        runs[name]["final_imbalance"] = imbalance(load.load.history[-1][1]).tolist()
+    models[name] = model
+    print(f"{name}: validation bits per byte {held_out['validation']['bits_per_byte']:.4f}, "
+          f"{throughput.tokens_per_second:,.0f} tokens/s")
+
+# %% [markdown]
+# ## 4. Training speed side by side: our MoE, the same weights as transformers' Mixtral, the dense model.
+
+# %%
+timings = time_training_steps(models[MOE_AUX], models[DENSE], training_args, data_args.block_size, args.timing_rounds)
+
+# %% [markdown]
+# ## 5. Report, plot, save the MoE trained with the balancing loss, with its card.
+
+# %%
+moe, dense = runs[MOE_AUX], runs[DENSE]
+results = {
+    **{split: moe[split] for split in ("validation", "test") if split in moe},
+    "train_tokens_per_second": moe["train_tokens_per_second"],
+    "train_steps": training_args.max_steps,
+    "parameters": moe["parameters"],
+    "active_parameters": moe["active_parameters"],
+    "runs": runs,
+    "training_step_timing": timings,
+    "moe_beats_dense": moe["validation"]["bits_per_byte"] < dense["validation"]["bits_per_byte"],
+    "token_budget": training_args.max_steps * training_args.per_device_train_batch_size * training_args.world_size * data_args.block_size,
+    "machine": describe_machine().to_dict(),
+}
+print_table(runs, timings)
+if training_args.process_index == 0:
+    plot_expert_load(runs, output_dir / "expert_load.png")
+    show(output_dir / "expert_load.png")
+finish_lesson(
+    models[MOE_AUX], data.tokenizer, training_args, lesson_args, data_args, results,
+    card=dict(
+        lesson="10 (mixture of experts)",
+        recipe="recipes/10_moe.py",
+        summary=f"A Mixtral-style decoder ({args.num_hidden_layers} layers, width {args.hidden_size}, context "
+        f"{data_args.block_size}): each layer routes every token to {args.num_experts_per_tok} of "
+        f"{args.num_local_experts} SwiGLU experts, {moe['parameters']:,} parameters of which {moe['active_parameters']:,} "
+        "are active per token. Converts to transformers' MixtralForCausalLM with identical logits.",
+        tokenizer=data.tokenizer_description,
+        training={
+            "parameters": f"{moe['parameters']:,} ({moe['active_parameters']:,} active per token)",
+            "steps": training_args.max_steps,
+            "batch": f"{training_args.per_device_train_batch_size * training_args.world_size} x {data_args.block_size} tokens",
+            "precision": "bf16 autocast" if training_args.bf16 else "fp32",
+            "balancing loss": f"router_aux_loss_coef {args.router_aux_loss_coef} "
+            f"({'per layer' if args.router_aux_loss_per_layer else 'all layers counted together'}), "
+            f"router_z_loss_coef {args.router_z_loss_coef}",
+            "training throughput": f"{moe['train_tokens_per_second']:,.0f} tokens/s",
+        },
+        extra={
+            "dense model, equal active parameters, validation bits per byte": round(dense["validation"]["bits_per_byte"], 4),
+            "MoE without balancing loss, validation bits per byte": round(runs[MOE_NO_AUX]["validation"]["bits_per_byte"], 4),
+        },
+        limitations="Minutes of CPU training on a few MB of plays: Shakespeare-shaped text without meaning. At this scale "
+        "the router has seen few tokens per expert; generation runs every expert on each new token (no host sync), "
+        "which is the right trade only for small batches.",
+        tags=["mixtral", "moe", "mixture-of-experts", "decoder"],
+    ),
+)

@@ -15,26 +15,35 @@ A recipe goes top to bottom, and each step has a module named for it:
   (``model_card.py``), writes ``results.json``, reads a sample back through ``pipeline`` from
   the saved folder and pushes to the Hub when asked.
 
-Where the coming lessons' pieces go:
+* ``memory.py``: what a training step holds (weights, gradients, optimizer state, saved activations).
+* ``notebook.py``: the recipes are notebooks too (``# %%`` cells): plots shown under their cell,
+  and :func:`~hf_models.training.notebook.execute_recipe_notebook` for ``make notebooks``.
+
+Where the later lessons' pieces live:
 
 * lesson 7, the training loop written by hand (what ``Trainer`` does for us): ``hf_models/training/loop.py``;
 * lesson 8, adapters (LoRA and friends): the package ``hf_models/adapters/``;
 * lesson 9, quantization: the flat ``hf_models/`` folder beside the model files, because a saved
   quantized folder must carry that code for ``trust_remote_code``;
-* lesson 11, alignment (preference data, DPO): the package ``hf_models/alignment/``.
+* lesson 11, alignment (preference data, DPO): the package ``hf_models/alignment/``;
+* lesson 12, experiments (ablation grids, the leaderboard): the package ``hf_models/experiments/``.
 
 Saved models never import this package; it is for the training side only.
 """
 
 from ..evaluation import evaluate_splits
-from .arguments import DataArguments, DecoderArguments, LessonArguments, find_model_folder, parse_lesson_args
+from .arguments import DataArguments, DecoderArguments, LessonArguments, find_model_folder, in_notebook, parse_lesson_args, recipe_argv
 from .lesson_data import LessonData, bpe_tokenizer_for, load_lesson_corpus, prepare_lesson_data
 from .model_card import build_model_card
+from .notebook import show
 from .publishing import finish_lesson, push_folder_to_hub, sample_with_pipeline
 from .throughput import ThroughputCallback
 from .trainer_setup import DECODER_TRAINING_DEFAULTS, build_trainer, train_and_evaluate
 
 __all__ = [
+    "in_notebook",
+    "recipe_argv",
+    "show",
     "DECODER_TRAINING_DEFAULTS",
     "LessonData",
     "DataArguments",

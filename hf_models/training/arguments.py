@@ -20,8 +20,10 @@ join (:func:`check_launch`).
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,21 @@ def check_launch(training_args: TrainingArguments) -> None:
         )
 
 
+# In a Jupyter kernel (a recipe opened as a notebook) sys.argv is the kernel's own; the flags come from here.
+NOTEBOOK_ARGS_VARIABLE = "HF_MODELS_RECIPE_ARGS"
+
+
+def in_notebook() -> bool:
+    """True inside IPython or Jupyter (IPython sets ``__IPYTHON__`` in builtins), where ``sys.argv`` is not the user's."""
+    return bool(getattr(builtins, "__IPYTHON__", False))
+
+
+def recipe_argv() -> list[str] | None:
+    """The recipe's flags: ``None`` for a script (``HfArgumentParser`` reads ``sys.argv``); in a notebook, the
+    shell-quoted words of ``$HF_MODELS_RECIPE_ARGS`` (empty: the lesson's defaults), so the same file runs both ways."""
+    return shlex.split(os.environ.get(NOTEBOOK_ARGS_VARIABLE, "")) if in_notebook() else None
+
+
 def parse_lesson_args(
     model_arguments_type: type, defaults: dict, args: list[str] | None = None
 ) -> tuple[Any, DataArguments, LessonArguments, TrainingArguments]:
@@ -216,7 +233,7 @@ def parse_lesson_args(
         use_cpu=not torch.accelerator.is_available(),
         **defaults,
     )
-    model_args, data_args, lesson_args, training_args = parser.parse_args_into_dataclasses(args=args)
+    model_args, data_args, lesson_args, training_args = parser.parse_args_into_dataclasses(args=args if args is not None else recipe_argv())
     check_max_steps(training_args.max_steps, getattr(model_args, "sampling", "blocks"))
     check_output_dir(training_args.output_dir)
     check_launch(training_args)
