@@ -93,6 +93,22 @@ def test_saved_folders_convert_to_the_configurable_type_and_back(model_type, tin
     assert not (tmp_path / "never").exists()
 
 
+def test_a_preset_exports_for_serving_as_its_transformers_twin(tiny_tokenizer, tmp_path):
+    from hf_models.conversion import export_for_serving
+
+    configurable = to_configurable(build_tiny_model("zoo_modern", len(tiny_tokenizer))).eval()
+    folder = export_for_serving(configurable, tiny_tokenizer, tmp_path / "llama")
+    llama = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert llama.config.model_type == "llama"
+    ids = ids_for(tiny_tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(llama(ids).logits, configurable(ids).logits, rtol=0, atol=1e-5)
+    odd = ConfigurableDecoderForCausalLM(ConfigurableDecoderConfig.preset("modern", **SMALL, qk_norm=True))
+    with pytest.raises(ValueError, match=r"none of the presets.*qk_norm=True \(needs False\)"):
+        export_for_serving(odd, tiny_tokenizer, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
 def test_a_model_that_is_no_preset_does_not_convert_back_and_says_why():
     config = ConfigurableDecoderConfig.preset("modern", **SMALL, qk_norm=True, positions="none")
     with pytest.raises(ValueError, match=r"nearest is 'modern', which differs in: qk_norm=True \(needs False\), positions='none'"):

@@ -10,10 +10,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..files import save_folder_atomically
+from ..modeling_configurable import ConfigurableDecoderForCausalLM
 from ..modeling_gpt import GPTForCausalLM
 from ..modeling_modern import ModernDecoderForCausalLM
 from ..modeling_moe import MoEDecoderForCausalLM
 from ..tokenization import tokenizer_for_saving
+from .configurable import to_dedicated
 from .gpt2 import gpt_to_gpt2
 from .llama import modern_to_llama
 from .mixtral import moe_to_mixtral
@@ -33,6 +35,8 @@ def export_for_serving(model: nn.Module, tokenizer, folder: str | os.PathLike) -
     The saved tokenizer's ``model_max_length`` is the model's context, so a server truncates where
     the model stops; ``tokenizer`` itself is not changed.
     """
+    if isinstance(model, ConfigurableDecoderForCausalLM):
+        model = to_dedicated(model)  # a preset: the GPT, modern or MoE decoder it is (else the error names what differs)
     converter = SERVING_CONVERTERS.get(type(model))
     if converter is None:
         raise TypeError(
