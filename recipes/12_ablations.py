@@ -42,6 +42,7 @@ from pathlib import Path
 from hf_models.benchmarking import describe_machine
 from hf_models.data import split_token_ids
 from hf_models.experiments import CellData, load_grid, plot_curves, run_cell, summarise, write_tables
+from hf_models.experiments.ablation import check_cell_args
 from hf_models.files import write_json_atomically
 from hf_models.training import parse_lesson_args, prepare_lesson_data, recipe_argv, show
 
@@ -78,6 +79,7 @@ grid_path = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "--grid
     next((w.split("=", 1)[1] for w in words if w.startswith("--grid=")), str(DEFAULT_GRID))
 grid = load_grid(grid_path)
 args, data_args, lesson_args, training_args = parse_lesson_args(AblationArguments, defaults={**ABLATION_DEFAULTS, **grid.training})
+check_cell_args(training_args)
 if args.sampling != "random_windows":
     raise ValueError(f"--sampling must be random_windows for an ablation (each cell draws its windows from its seed), got {args.sampling!r}.")
 output_dir = Path(training_args.output_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,18 @@ def test_a_cell_folder_run_with_other_settings_is_refused(setup, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--eval_steps", "3"], r"--eval_steps 3 must be a multiple of --logging_steps 2"),
+     (["--eval_steps", "0.5"], r"--eval_steps must be a positive number of steps.*got 0.5")],
+)
+def test_flags_that_would_break_resuming_are_refused_before_training(flags, message, setup, tmp_path):
+    command, env = recipe_command(setup, tmp_path / "run")
+    result = subprocess.run([*command, "--logging_steps", "2", *flags], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and re.search(message, result.stderr), result.stderr[-2000:]
+    assert not (tmp_path / "run" / "cells").exists()
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("cells: {a: {positionz: rope}}", r"cells.a.positionz is not a ConfigurableDecoderConfig field"),
@@ -190,3 +203,29 @@ def test_a_difference_is_beyond_noise_only_when_it_exceeds_two_standard_errors(t
     assert clear["delta_standard_errors"] == pytest.approx(0.10 / ((0.01**2 / 3 + 0.01**2 / 3) ** 0.5))
     assert noisy["delta_bpb"] == pytest.approx(-0.01) and not noisy["beyond_noise"]
     assert noisy["delta_standard_errors"] < NOISE_STANDARD_ERRORS and not base["beyond_noise"]
+
+
+@pytest.mark.slow
+def test_the_grid_runs_data_parallel_under_accelerate_launch_like_one_process(setup, tmp_path):
+    """Two gloo processes with 2 windows each follow the curve of one process with 4 (same global batch, same windows)."""
+    import shutil
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(TINY_GRID.replace("seeds: [0, 1]", "seeds: [0]").replace("  + RoPE: {positions: rope}\n", ""))
+    one = {**setup, "grid": grid}
+    command, env = recipe_command(one, tmp_path / "one")
+    result = subprocess.run([*command, "--per_device_train_batch_size", "4"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    command, env = recipe_command(one, tmp_path / "two")
+    launch = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "configs" / "multi_cpu.yaml"), *command[1:]]
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    single, double = cell_results(tmp_path / "one")[("GPT-2 blocks", 0)], cell_results(tmp_path / "two")[("GPT-2 blocks", 0)]
+    settings = json.loads((tmp_path / "two" / "cells" / "gpt-2-blocks" / "seed-0" / "cell.json").read_text())
+    assert settings["world_size"] == 2 and single["train_tokens"] == double["train_tokens"]
+    assert single["losses"]["step"] == double["losses"]["step"]
+    assert max(abs(a - b) for a, b in zip(single["losses"]["loss"], double["losses"]["loss"])) < 1e-4
+    assert double["validation"]["bits_per_byte"] == pytest.approx(single["validation"]["bits_per_byte"], abs=1e-4)

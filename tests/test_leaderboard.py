@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from hf_models.experiments import leaderboard
 
@@ -26,6 +28,11 @@ def test_the_table_holds_each_runs_numbers_and_dashes_where_there_is_no_run(tmp_
     write(runs, "04_gpt", {"validation": metrics(2.17), "test": metrics(2.2412), "parameters": 2188992, "train_tokens_per_second": 12293.4})
     write(runs, "09_quantization", {"split": "test", "results": {"hand int8 weight-only": {"held_out": metrics(2.1381)}}})
     write(runs, "12_ablations", {"validation": metrics(1.9876), "parameters": 800000, "train_tokens_per_second": 20000})
+    # Lesson 8 times both paths; its row takes the hand-written one, and the saved folder's parameter count.
+    write(runs, "08_lora_sft", {"test": metrics(2.3), "tokens_per_second": {"hand loop + hand LoRA": 3774.9, "hand_over_trl": 1.5, "trl + peft": 2452.2},
+                                "model_folder": str(runs / "08_lora_sft" / "model")})
+    (runs / "08_lora_sft" / "model").mkdir()
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(runs / "08_lora_sft" / "model" / "model.safetensors"))
     readme = tmp_path / "README.md"
     readme.write_text(f"# zoo\n\nbefore\n{leaderboard.START}\nold table\n{leaderboard.END}\nafter\n")
     assert leaderboard.main(["--runs", str(runs), "--readme", str(readme), "--plot", str(tmp_path / "lb.png")]) == 0
@@ -35,6 +42,7 @@ def test_the_table_holds_each_runs_numbers_and_dashes_where_there_is_no_run(tmp_
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")}
     assert rows["4"][4:10] == ["2,188,992", "12,293", "2.1700", "2.2412", f"{2.2412 * 1.5:.4f}", f"{2 ** 2.2412:.2f}"]
     assert rows["9"][7] == "2.1381" and rows["9"][4] == "—"
+    assert rows["8"][4:6] == ["17", "3,775"]
     assert rows["12"][6:8] == ["1.9876", "—"]  # validation only
     assert rows["1"][4:] == ["—"] * 6  # no run yet: the row stays, with dashes
     assert len([r for r in rows if r.isdigit()]) == 12

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import shlex
 from pathlib import Path
 
@@ -42,12 +41,13 @@ def test_every_recipe_opens_as_a_notebook_of_lesson_text_and_code(recipe):
 
 
 @pytest.mark.slow
-def test_lesson_12_runs_cell_by_cell_in_a_jupyter_kernel(tmp_path):
+def test_lesson_12_runs_cell_by_cell_in_a_jupyter_kernel(tmp_path, monkeypatch):
     (tmp_path / "grid.yaml").write_text(TINY_GRID)
     (tmp_path / "plays.txt").write_text(load_corpus("shakespeare")["validation"][0]["text"][:30_000])
     flags = ["--grid", str(tmp_path / "grid.yaml"), "--dataset", "text", "--data_files", str(tmp_path / "plays.txt"),
              "--vocab_size", "300", "--output_dir", str(tmp_path / "run")]
-    os.environ.setdefault("HF_MODELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_MODELS_CACHE", str(tmp_path / "cache"))  # the kernel inherits this process's environment
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     output = execute_recipe_notebook(REPO / "recipes" / "12_ablations.py", tmp_path / "12_ablations.ipynb",
                                      shlex.join(flags), cwd=tmp_path, timeout=600)
     notebook = json.loads(output.read_text())

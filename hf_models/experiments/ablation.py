@@ -81,8 +81,25 @@ def first_batch(windows: RandomWindows, size: int) -> dict[str, torch.Tensor]:
     return {k: torch.stack([row[k] for row in rows]) for k in ("input_ids", "labels", "shift_labels")}
 
 
+def check_cell_args(args: TrainingArguments) -> None:
+    """Refuse settings a resumable, comparable cell cannot run with, naming the flag.
+
+    Checkpoints are taken at every evaluation, and a run resumed from one must log the same losses as
+    one never stopped, so the logging period has to divide the evaluation period.
+    """
+    eval_steps, logging_steps = args.eval_steps, args.logging_steps
+    if not isinstance(eval_steps, int) or isinstance(eval_steps, bool) or eval_steps <= 0:
+        raise ValueError(f"--eval_steps must be a positive number of steps for an ablation (its curves and checkpoints), got {eval_steps!r}.")
+    if not isinstance(logging_steps, int) or logging_steps <= 0 or eval_steps % logging_steps:
+        raise ValueError(
+            f"--eval_steps {eval_steps} must be a multiple of --logging_steps {logging_steps}: cells checkpoint at every "
+            f"evaluation, and a resumed cell logs the same losses as an uninterrupted one only from a logging boundary."
+        )
+
+
 def run_cell(grid: Grid, cell: str, seed: int, data: CellData, args: TrainingArguments, output_dir: Path) -> dict:
     """Train (or resume, or skip) one cell and return its result (see the module docstring)."""
+    check_cell_args(args)
     state = PartialState()
     folder = cell_folder(output_dir, cell, seed)
     config = grid.cell_config(cell, vocab_size=len(data.tokenizer), max_position_embeddings=data.block_size,
@@ -218,13 +235,14 @@ def plot_curves(grid: Grid, results: dict[str, list[dict]], path: Path) -> Path:
         curves = torch.tensor([r["curve"]["eval_bits_per_byte"] for r in runs])  # (seeds, points)
         tokens_per_step = runs[0]["train_tokens"] / max(1, steps[-1])
         x = [s * tokens_per_step / 1e6 for s in steps]
-        (line,) = ax.plot(x, curves.mean(0).tolist(), label=f"{cell} ({curves[:, -1].mean():.3f})")
+        (line,) = ax.plot(x, curves.mean(0).tolist(), label=f"{cell} (end: {curves[:, -1].mean():.3f})")
         if len(runs) > 1:
             ax.fill_between(x, curves.min(0).values.tolist(), curves.max(0).values.tolist(), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("validation bits per byte")
+    ax.set_ylabel("validation bits per byte (periodic evaluation blocks)")
     seeds = len(next(iter(results.values())))
-    ax.set_title((grid.question or "ablation") + f"\nmean over {seeds} seed(s), band: min to max", fontsize=10)
+    ax.set_title((grid.question or "ablation") + f"\nmean over {seeds} seed(s), band: min to max; the table's numbers are the whole "
+                 "validation split", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     # The early points are far above the rest; show where the cells differ.
@@ -238,4 +256,4 @@ def plot_curves(grid: Grid, results: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
-__all__ = ["CellData", "cell_folder", "plot_curves", "run_cell", "summarise", "write_tables"]
+__all__ = ["CellData", "cell_folder", "check_cell_args", "plot_curves", "run_cell", "summarise", "write_tables"]
