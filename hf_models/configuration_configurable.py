@@ -8,7 +8,7 @@ from transformers import PreTrainedConfig
 
 from .config_validation import require_choice, require_divisible, require_moe_routing, require_positive_int, require_probability
 from .decoder import KV_CACHE_TYPES, POSITION_TYPES
-from .feed_forward import GELU_ACTIVATIONS
+from .feed_forward import GELU_ACTIVATIONS, swiglu_intermediate_size
 from .moe import MOE_FEED_FORWARD, MoEDecoderSpec
 
 NORM_TYPES = ("layernorm", "rmsnorm")
@@ -34,13 +34,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def default_intermediate_size(hidden_size: int, feed_forward: str) -> int:
-    """GPT-2's 4x for a GELU MLP; LLaMA's 8/3x rounded up to a multiple of 32 for SwiGLU and its experts.
-
-    SwiGLU has three matrices to GELU's two, so 8/3 x width keeps the parameter count of 4x.
-    """
-    if feed_forward == "gelu":
-        return 4 * hidden_size
-    return 32 * -(-8 * hidden_size // (3 * 32))
+    """GPT-2's 4x for a GELU MLP; LLaMA's 8/3x (rounded up to a multiple of 32) for SwiGLU and its experts."""
+    return 4 * hidden_size if feed_forward == "gelu" else swiglu_intermediate_size(hidden_size)
 
 
 class ConfigurableDecoderConfig(PreTrainedConfig):

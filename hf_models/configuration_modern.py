@@ -6,6 +6,7 @@ from transformers import PreTrainedConfig
 
 from .config_validation import require_choice, require_divisible, require_positive_int, require_probability
 from .decoder import KV_CACHE_TYPES, DecoderSpec
+from .feed_forward import swiglu_intermediate_size
 
 
 class ModernDecoderConfig(PreTrainedConfig):
@@ -60,7 +61,7 @@ class ModernDecoderConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None and isinstance(self.hidden_size, int):
-            self.intermediate_size = 32 * -(-8 * self.hidden_size // (3 * 32))
+            self.intermediate_size = swiglu_intermediate_size(self.hidden_size)
         if self.num_key_value_heads is None and isinstance(self.num_attention_heads, int):
             heads = self.num_attention_heads
             self.num_key_value_heads = heads // 2 if heads % 2 == 0 else heads

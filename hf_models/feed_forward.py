@@ -109,3 +109,11 @@ class SwiGLU(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # (B, T, C) -> two (B, T, I) branches, gated elementwise -> (B, T, C)
         return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+def swiglu_intermediate_size(hidden_size: int) -> int:
+    """LLaMA's SwiGLU width: ``8/3 * hidden_size`` rounded up to a multiple of 32.
+
+    SwiGLU has three matrices to the GELU MLP's two, so 8/3 x width keeps the parameters of a 4x MLP.
+    """
+    return 32 * -(-8 * hidden_size // (3 * 32))

@@ -38,8 +38,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
-import torch
-from transformers import TrainingArguments, set_seed
+from transformers import TrainingArguments, default_data_collator, set_seed
 
 from hf_models import GPTConfig, GPTForCausalLM
 from hf_models.benchmarking import describe_machine
@@ -202,7 +201,7 @@ if not args.skip_tricks:
         run = settings(f"tricks/{len(table)}", **{"max_steps": n, "logging_steps": max(1, n // 20), **changes})
         model = new_gpt()
         first = windows(1, training_args.per_device_train_batch_size)
-        batch = {k: torch.stack([first[i][k] for i in range(len(first))]) for k in ("input_ids", "labels", "shift_labels")}
+        batch = default_data_collator([first[i] for i in range(len(first))])
         memory = activation_bytes(model, batch, bf16=run.bf16, checkpointing=getattr(run, CHECKPOINTING))
         loop = TrainingLoop(model, windows(run.max_steps, global_batch * run.gradient_accumulation_steps), run, shuffle=False)
         outcome = loop.train()

@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     print(convert_folder(args.source, args.destination, args.to))
 
 
+__all__ = ["configurable_config_from", "convert_folder", "dedicated_config_from", "to_configurable", "to_dedicated"]
+
+
 if __name__ == "__main__":
     main()
-
-
-__all__ = ["configurable_config_from", "convert_folder", "dedicated_config_from", "to_configurable", "to_dedicated"]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import TrainingArguments, set_seed
+from transformers import TrainingArguments, default_data_collator, set_seed
 
 from ..data import RandomWindows
 from ..evaluation import evaluate_splits
@@ -62,7 +62,7 @@ def cell_folder(output_dir: Path, cell: str, seed: int) -> Path:
     return Path(output_dir) / "cells" / slug(cell) / f"seed-{seed}"
 
 
-def cell_settings(grid: Grid, cell: str, seed: int, config, args: TrainingArguments, data: CellData) -> dict:
+def cell_settings(cell: str, seed: int, config, args: TrainingArguments, data: CellData) -> dict:
     """Everything that decides a cell's curve, as JSON: two runs with equal settings give equal curves."""
     keys = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "warmup_steps",
             "lr_scheduler_kwargs", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16",
@@ -74,11 +74,6 @@ def cell_settings(grid: Grid, cell: str, seed: int, config, args: TrainingArgume
         block_size=data.block_size, world_size=args.world_size, train_tokens=int(data.train_ids.numel()),
         vocab_size=config.vocab_size,
     )
-
-
-def first_batch(windows: RandomWindows, size: int) -> dict[str, torch.Tensor]:
-    rows = [windows[i] for i in range(size)]
-    return {k: torch.stack([row[k] for row in rows]) for k in ("input_ids", "labels", "shift_labels")}
 
 
 def check_cell_args(args: TrainingArguments) -> None:
@@ -106,7 +101,7 @@ def run_cell(grid: Grid, cell: str, seed: int, data: CellData, args: TrainingArg
                               eos_token_id=data.tokenizer.eos_token_id)
     run_args = replace(args, output_dir=str(folder), seed=seed, save_strategy="steps", save_steps=args.eval_steps,
                        eval_strategy="no", report_to="none")
-    settings = cell_settings(grid, cell, seed, config, run_args, data)
+    settings = cell_settings(cell, seed, config, run_args, data)
     settings_file = folder / CELL_FILE
     if settings_file.exists():
         recorded = json.loads(settings_file.read_text())
@@ -128,7 +123,8 @@ def run_cell(grid: Grid, cell: str, seed: int, data: CellData, args: TrainingArg
     model = ConfigurableDecoderForCausalLM(config)
     global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
     windows = RandomWindows(data.train_ids, data.block_size, args.max_steps * global_batch, seed)
-    memory = training_step_bytes(model, first_batch(windows, args.per_device_train_batch_size), bf16=args.bf16)
+    first = default_data_collator([windows[i] for i in range(args.per_device_train_batch_size)])  # the loop's first micro-batch
+    memory = training_step_bytes(model, first, bf16=args.bf16)
     loop = TrainingLoop(model, windows, run_args, eval_dataset=data.eval_dataset, byte_lengths=data.byte_lengths, shuffle=False)
     checkpoint = latest_checkpoint(folder)
     if checkpoint is None and state.is_main_process:

@@ -37,8 +37,6 @@ from ..training.arguments import DataArguments
 TOP_LEVEL_KEYS = ("question", "seeds", "base", "training", "cells")
 # Set by the grid per cell, or fixed by the runner: a cell may not change them.
 MODEL_FIELDS_SET_BY_DATA = ("vocab_size", "max_position_embeddings", "eos_token_id", "bos_token_id", "pad_token_id")
-# What makes the token budget: the same for every cell, so only `training` may set them.
-BUDGET_KEYS = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "block_size")
 
 
 def config_fields() -> set[str]:
@@ -132,7 +130,7 @@ def load_grid(path: str | Path) -> Grid:
         if not isinstance(fields, dict):
             _fail(path, f"cells.{name} must map ConfigurableDecoderConfig fields to values, got {fields!r}.")
         for key in fields:
-            if key in BUDGET_KEYS or key in allowed_training:
+            if key in allowed_training:  # the token budget (max_steps, batch, block_size) among them
                 _fail(path, f"cells.{name}.{key}: a cell sets model fields only; the token budget and optimizer are the grid's "
                             f"`training`, the same for every cell.")
             if key not in allowed_model:
@@ -148,4 +146,4 @@ def load_grid(path: str | Path) -> Grid:
     return grid
 
 
-__all__ = ["BUDGET_KEYS", "Grid", "load_grid", "slug"]
+__all__ = ["Grid", "load_grid", "slug"]

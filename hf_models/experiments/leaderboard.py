@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,7 @@ def lesson_row(lesson: Lesson, results: dict | None) -> dict:
         return row
     if lesson.run == "09_quantization":  # no training: the held-out numbers of the saved int8 model, per variant
         variant = results.get("results", {}).get("hand int8 weight-only", {})
-        row[results.get("split", "test")] = variant.get("held_out")
-        row["parameters"] = saved_parameters(results.get("model_folder"))  # the fp32 model it quantized
+        row[results.get("split", "test")] = variant.get("held_out")  # parameters: its fp32 model_folder's, as for any run
         return row
     row["validation"], row["test"] = results.get("validation"), results.get("test")
     row["parameters"] = results.get("parameters")
@@ -78,14 +78,8 @@ def saved_parameters(folder: str | None) -> int | None:
         return None
     from safetensors import safe_open
 
-    total = 0
     with safe_open(str(path), framework="pt") as weights:
-        for name in weights.keys():
-            count = 1
-            for size in weights.get_slice(name).get_shape():
-                count *= size
-            total += count
-    return total
+        return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
 
 
 def read_rows(runs: Path) -> list[dict]:

@@ -22,8 +22,6 @@ def show(path: str | os.PathLike) -> Path:
     return path
 
 
-
-
 # ----------------------------------------------------------------------------- recipe -> executed notebook
 
 
