@@ -32,7 +32,7 @@ NOT_LOCKED := ^(torch|triton|pytorch-triton|nvidia[-_][^=@ ]+|cuda[-_][^=@ ]+) ?
 run_tests = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(1)/bin/python -m pytest $(PYTEST_ARGS)
 freeze = $(1)/bin/python -m pip freeze --exclude-editable | grep -viE '$(NOT_LOCKED)'
 
-.PHONY: demo test test-latest lock lessons leaderboard notebooks bench clean
+.PHONY: demo test test-latest lock lessons leaderboard notebooks bench clean check-copies fix-copies
 
 # A changed lock reinstalls too: pip moves every installed release to its pin.
 $(STAMP): pyproject.toml $(LOCK)
@@ -84,7 +84,7 @@ leaderboard: $(STAMP)
 # `make lessons`; NOTEBOOK_ARGS passes flags to every recipe). Generated, never committed.
 NOTEBOOK_ARGS ?=
 notebooks: $(STAMP)
-	$(BIN)/python -m hf_models.training.notebook --output_dir notebooks --recipe_args "$(NOTEBOOK_ARGS)" recipes/[0-9][0-9]_*.py
+	$(BIN)/python -m hf_models.recipe_support.notebook --output_dir notebooks --recipe_args "$(NOTEBOOK_ARGS)" --recipes recipes/[0-9][0-9]_*.py
 
 # Every benchmark with its defaults. A script that needs what the defaults lack (gpt_vs_nanogpt.py:
 # a nanoGPT checkout, NANOGPT_DIR=...) exits 77 with its reason as the last line on stderr; it is
@@ -102,6 +102,15 @@ bench: $(STAMP)
 	done; rm -f $$log; \
 	printf '\nran:%s\nskipped:%b\nfailed:%s\n' "$${ran:- none}" "$${skipped:- none}" "$${failed:- none}"; \
 	test -z "$$failed"
+
+# Each lesson's model is whole in its hf_models/modeling_<name>.py; a block two lessons share is copied
+# under a `# Copied from hf_models.<module>.<name> [with A->B]` marker. check-copies fails on a copy
+# that drifted from its original (the suite runs it too); fix-copies rewrites every copy from its original.
+check-copies:
+	$(PYTHON) utils/check_copies.py
+
+fix-copies:
+	$(PYTHON) utils/check_copies.py --fix
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) runs notebooks .pytest_cache

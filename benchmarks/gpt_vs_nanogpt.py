@@ -18,7 +18,7 @@ biases) and reaches a validation loss of about 1.88. This script answers two que
 nanoGPT is not part of this project: pass a checkout (or the bare git directory a mirror gives)
 with ``--nanogpt_dir`` or the ``NANOGPT_DIR`` environment variable. Without either the script
 exits as "skipped" (``make bench`` lists it and goes on). Its files are exported into a temporary
-folder; nothing of it is kept. Measured numbers are in the README's *Comparing with nanoGPT*.
+folder; nothing of it is kept. Measured numbers are in docs/nanogpt.md.
 
     python benchmarks/gpt_vs_nanogpt.py --nanogpt_dir /path/to/nanoGPT --mode step
     NANOGPT_DIR=/path/to/nanoGPT python benchmarks/gpt_vs_nanogpt.py --mode train

@@ -8,8 +8,10 @@ and times whole ``generate()`` calls once. This script is the harness behind the
   model (its trained folder, with the context raised to 512: rotary positions have no table to
   outgrow; or a random model of its size) and (b) a 6-layer, 6-head, width-384 decoder with random
   weights (nanoGPT's shakespeare-char GPU size; the weights do not change the timing).
-* A ``StoppingCriteria`` timestamps every step, so one ``generate()`` call gives the whole
-  tokens/s-against-length curve, not only its total.
+* The project's one step clock (``hf_models.benchmarking.StepClock``), passed to ``generate()`` as
+  a stopping criterion, times every step, so one ``generate()`` call gives the whole
+  tokens/s-against-length curve, not only its total. The five variants, the lesson's model and its
+  prompts are lesson 6's harness, ``hf_models.benchmarking.generation``, which the lesson imports too.
 * The cached variants are timed by ``hf_models.benchmarking.time_interleaved``: rounds in rotating
   order, more rounds (up to 3x ``--rounds``) until each has run ``--min_seconds``, medians, and
   per-round paired ratios whose quartiles are the noise band of "hand-written vs DynamicCache".
@@ -38,9 +40,7 @@ from the first step. Measured numbers are in ``benchmarks/README.md``; each run 
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,21 +52,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-from transformers import HfArgumentParser, StoppingCriteria, StoppingCriteriaList
+from transformers import HfArgumentParser
 
 from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
 from hf_models.benchmarking import InterleavedTimings, describe_machine, time_interleaved, use_passive_omp_wait
+# Lesson 6's harness: the five variants, the model and its prompts. The lesson shows them; this script measures them harder.
+from hf_models.benchmarking.generation import CACHES, HAND_WRITTEN, clocked_generate, greedy, kv_cache_memory, lesson_model, prompts
 from hf_models.files import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
-# The lesson defines the five variants, the model and its prompts; the benchmark measures them
-# harder. Its file name starts with a digit, so it is loaded by path rather than imported.
-_spec = importlib.util.spec_from_file_location("kv_cache_lesson", REPO / "recipes" / "06_kv_cache.py")
-lesson = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up there
-_spec.loader.exec_module(lesson)
-
 WINDOW = 16  # plotted and "at end" speeds: median over this many consecutive steps (robust to a stalled step)
-CACHED = [name for name, make_cache in lesson.CACHES.items() if make_cache is not None]
+CACHED = [name for name, make_cache in CACHES.items() if make_cache is not None]
 
 
 @dataclass
@@ -98,32 +94,7 @@ class KVCacheBenchmarkArguments:
     seed: int = field(default=0, metadata={"help": "Seed for random weights and prompts."})
 
 
-# ----------------------------------------------------------------------------- per-step clocks
-
-
-class StepClock(StoppingCriteria):
-    """Never stops generation; records when each step finished. generate() calls its stopping
-    criteria once per new token, after appending it, so ``times[i]`` is the time to reach length
-    ``prompt + 1 + i`` (the first step includes the prompt's forward)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        self.times.append(time.perf_counter() - self.start)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-def clocked_generate(model, prompt: torch.LongTensor, total_tokens: int, make_cache) -> tuple[torch.LongTensor, list[float]]:
-    """Greedy generation from ``prompt`` (B, P) to (B, total_tokens): the ids and each step's seconds."""
-    kwargs = lesson.cache_kwargs(model, make_cache, total_tokens)
-    clock = StepClock()
-    ids = model.generate(prompt, max_new_tokens=total_tokens - prompt.shape[1], do_sample=False,
-                         stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
-    if ids.shape[1] != total_tokens:
-        raise RuntimeError(f"generation stopped at {ids.shape[1]} tokens, expected {total_tokens} (an EOS?)")
-    return ids, np.diff(clock.times, prepend=0.0).tolist()  # elapsed at each step -> duration of each step
+# ----------------------------------------------------------------------------- no cache, sampled
 
 
 def sampled_no_cache(model, reference: torch.LongTensor, prompt_tokens: int, samples: int) -> tuple[list[float], dict]:
@@ -174,13 +145,13 @@ def large_model(args: KVCacheBenchmarkArguments):
 def time_cell(model, prompt: torch.LongTensor, args: KVCacheBenchmarkArguments) -> tuple[dict, InterleavedTimings]:
     """Time every variant on one (model, batch): the cached ones interleaved, no cache once."""
     new_tokens, batch_size = args.total_tokens - prompt.shape[1], prompt.shape[0]
-    reference = lesson.greedy(model, prompt, args.total_tokens, lesson.CACHES["GrowingKVCache"])  # also a warm-up
+    reference = greedy(model, prompt, args.total_tokens, CACHES["GrowingKVCache"])  # also a warm-up
 
     # Each call records (ids, per-step seconds); the timer times the whole call. The first
     # `warmup` records of each variant are the warm-up's and are dropped.
     warmup, records = 1, {name: [] for name in CACHED}
     contenders = {
-        name: (lambda name=name: records[name].append(clocked_generate(model, prompt, args.total_tokens, lesson.CACHES[name])))
+        name: (lambda name=name: records[name].append(clocked_generate(model, prompt, args.total_tokens, CACHES[name])))
         for name in CACHED
     }
     timings = time_interleaved(contenders, rounds=args.rounds, warmup=warmup, min_seconds=args.min_seconds)
@@ -201,7 +172,7 @@ def time_cell(model, prompt: torch.LongTensor, args: KVCacheBenchmarkArguments) 
     step_runs["no cache"] = [steps]
 
     cell = {}
-    for name in lesson.CACHES:
+    for name in CACHES:
         steps = [statistics.median(run[i] for run in step_runs[name]) for i in range(new_tokens)]  # median over rounds, per step
         cell[name] = dict(
             rounds=len(step_runs[name]),
@@ -215,7 +186,7 @@ def time_cell(model, prompt: torch.LongTensor, args: KVCacheBenchmarkArguments) 
         )
     if sampled is not None:
         cell["no cache"]["sampled_lengths"] = sorted(sampled)
-    for name in lesson.HAND_WRITTEN:
+    for name in HAND_WRITTEN:
         cell[name]["vs_dynamic_cache"] = asdict(timings.speedup(name, baseline="DynamicCache"))
     return cell, timings
 
@@ -246,7 +217,7 @@ def check_targets(results: dict, large_label: str | None) -> list[dict]:
             if label == large_label:
                 value = cell["GrowingKVCache"]["vs_no_cache"]
                 checks.append(dict(what=f"GrowingKVCache vs no cache, {label}, batch {batch}", target=5.0, value=value, q3=value))
-            for name in lesson.HAND_WRITTEN:
+            for name in HAND_WRITTEN:
                 ratio = cell[name]["vs_dynamic_cache"]
                 checks.append(dict(what=f"{name} vs DynamicCache, {label}, batch {batch}", target=0.95,
                                    value=ratio["median"], q1=ratio["q1"], q3=ratio["q3"]))
@@ -266,7 +237,7 @@ def plot(results: dict, prompt_tokens: int, path: Path) -> None:
     for row, label in enumerate(labels):
         for column, batch in enumerate(batches):
             ax = axes[row][column]
-            for name in lesson.CACHES:  # the same order, hence the same colours, in every panel
+            for name in CACHES:  # the same order, hence the same colours, in every panel
                 cell = results[label][batch][name]
                 steps = cell["step_seconds"]  # step i brings the sequence to prompt + 1 + i tokens
                 if "sampled_lengths" in cell:  # timed at a few lengths: plot those points, joined
@@ -310,7 +281,7 @@ def main() -> None:
           + (f"timed at {args.no_cache_samples} lengths and interpolated (marked *)." if args.no_cache_samples
              else "generated token by token."))
 
-    models = [lambda: lesson.lesson_model(args.model_folder, args.total_tokens, args.seed)]
+    models = [lambda: lesson_model(args.model_folder, args.total_tokens, args.seed)]
     models += [] if args.skip_large else [lambda: large_model(args)]
     results, timings, memory, large_label = {}, {}, {}, None
     start = time.perf_counter()
@@ -319,13 +290,13 @@ def main() -> None:
         config = model.config
         label = f"{config.num_hidden_layers}L/{config.hidden_size}"
         large_label = label if index == 1 else large_label
-        memory[label] = lesson.kv_cache_memory(config, args.total_tokens)
+        memory[label] = kv_cache_memory(config, args.total_tokens)
         print(f"\n== {label}: {description}: {config.num_hidden_layers} layers, {config.num_attention_heads} query heads, "
               f"{config.num_key_value_heads} kv heads of {config.head_dim}, vocab {config.vocab_size}, "
               f"{model.num_parameters():,} parameters; KV cache {memory[label]['bytes_per_token'] / 1024:.1f} KiB per token (fp32)")
         results[label], timings[label] = {}, {}
         for batch_size in args.batch_sizes:
-            prompt = lesson.prompts(tokenizer, config.vocab_size, batch_size, args.prompt_tokens, args.seed)  # (B, P)
+            prompt = prompts(tokenizer, config.vocab_size, batch_size, args.prompt_tokens, args.seed)  # (B, P)
             results[label][batch_size], cell_timings = time_cell(model, prompt, args)
             timings[label][str(batch_size)] = cell_timings.to_dict()
             print_cell(f"{label}, batch {batch_size}: {args.prompt_tokens} -> {args.total_tokens} tokens "

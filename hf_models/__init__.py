@@ -6,11 +6,20 @@ types like any built-in one. Each model class is also registered for ``trust_rem
 folder saved with ``save_pretrained`` carries its modeling files and an ``auto_map``, so it loads
 on a machine where ``hf_models`` is not installed, as it would from the Hub.
 
-Layout. The model code (configs, modeling files and the hand-written blocks they use) sits flat in
-this folder and imports its siblings only with ``from .x import y``, because that is all
+Layout. Each lesson's model is whole in its own ``modeling_<name>.py`` (blocks, ``<Name>Model``,
+``<Name>ForCausalLM``) beside its ``configuration_<name>.py``; a block two lessons share is copied
+under a ``# Copied from`` marker that ``utils/check_copies.py`` keeps identical. Besides those, the
+flat model code is ``causal_lm.py`` (the transformers contract every model shares), lesson 6's
+``kv_cache.py`` and lesson 9's ``int8.py``/``quantization_int8.py`` (carried only by folders saved
+quantized). They import their siblings only with ``from .x import y``, because that is all
 ``trust_remote_code`` copies next to a checkpoint. Everything a saved model never needs (corpora,
-tokenizer training, evaluation, training plumbing, model cards) lives in the subpackages
-``data``, ``tokenization``, ``evaluation`` and ``training``.
+tokenizer training, evaluation, training plumbing, model cards) lives in subpackages:
+``data`` (corpora and splits), ``tokenization`` (lesson 2's BPE), ``evaluation`` (loss, perplexity,
+bits per byte), ``training`` (lesson 7's loop), ``adapters`` (lesson 8's LoRA), ``alignment``
+(lesson 11's DPO), ``files`` (atomic writes, the cache root), ``recipe_support`` (the recipes' arguments, data,
+trainer setup, model cards and publishing), ``benchmarking`` (timers, memory, the generation
+harness), ``conversion`` (to and from transformers, GGUF) and ``experiments`` (lesson 12's grids,
+the leaderboard and the scaling notes).
 """
 
 from __future__ import annotations

@@ -1,58 +1,40 @@
-"""What every causal language model in the zoo shares: transformers' layout, its input contract and the loss.
+"""The small base every zoo model stands on: transformers' input contract, the loss, and the caches' plumbing.
 
-The layout users' libraries rely on
------------------------------------
-Every transformers language model is two classes: a backbone ``<Name>Model`` that turns ids into
-hidden states (a :class:`~transformers.modeling_outputs.BaseModelOutputWithPast`), and
-``<Name>ForCausalLM`` = that backbone under ``self.model`` plus an LM head ``lm_head``. Libraries
-build on that split, not on the logits alone:
+Each lesson's model is whole in its own ``modeling_<name>.py``: its blocks, its ``<Name>Model``
+backbone and its ``<Name>ForCausalLM``. What is left here is what is not a lesson but a contract
+with transformers, the same for every model, so it is written once:
 
-* trl's trainers patch the model with a fused, chunked LM-head loss that calls
-  ``model.base_model(input_ids=..., attention_mask=..., use_cache=False)``, reads
-  ``.last_hidden_state`` and projects it through ``model.get_output_embeddings()`` itself, so the
-  (batch, seq, vocab) logits are never materialised;
-* ``AutoModel.from_pretrained(folder)`` loads the backbone alone (for embeddings, or a new head);
-* ``gradient_checkpointing_enable()`` finds the layers to recompute as ``GradientCheckpointingLayer``s;
-* bitsandbytes and ``device_map`` keep ``_no_split_modules`` whole and the LM head in full precision.
+* **The forward contract.** ``input_ids`` **or** ``inputs_embeds``; ``attention_mask`` (B, S) with
+  1 for real tokens (left padding in batched generation); the cache under both names
+  (transformers 5.24 renamed ``past_key_values`` to ``cache``, argument and output field; the zoo
+  accepts both and answers in the installed version's field, :data:`CACHE_FIELD`, so a saved folder
+  keeps working across the rename); ``use_cache``, ``output_hidden_states`` and ``return_dict``;
+  ``labels`` are the input ids themselves, shifted inside transformers' own loss
+  (``self.loss_function``), which takes ``num_items_in_batch`` so gradient accumulation averages
+  over tokens. Any keyword a model does not know is refused by name, never passed on silently.
+* **Bad input fails early**, naming the field and the limit, instead of an ``IndexError`` from an
+  embedding lookup three modules down.
+* **The recurrent lessons' cache** (:class:`RecurrentStateCache`), a fixed-size state per layer,
+  which ``generate()`` talks to through the same ``Cache`` API as lesson 6's KV caches.
+* **Init once, from the top**, and the folder layout (``save_pretrained`` also maps ``AutoModel``
+  to the backbone; folders saved before a model had a backbone load through a key mapping).
 
-:class:`ZooModel` (the backbones) and :class:`ZooForCausalLM` (the heads) hold what every zoo
-model shares, so each lesson's modeling file only says what is new in it.
-
-The forward contract
---------------------
-* ``input_ids`` **or** ``inputs_embeds`` (same logits for ``embed(ids)`` as for the ids);
-* ``attention_mask`` (B, S) with 1 for real tokens (left padding in batched generation);
-* the cache under both names: transformers 5.24 renamed ``past_key_values`` to ``cache``
-  (argument and output field; the old name is deprecated until 5.40). The zoo accepts both and
-  answers in the installed version's field (:data:`CACHE_FIELD`), so a saved folder keeps working
-  across the rename;
-* ``use_cache``, ``output_hidden_states`` and ``return_dict`` are honoured; ``output_attentions``
-  is refused with a clear error (the fused SDPA kernels never materialise attention weights), and
-  so is any keyword the model does not know, instead of being passed on silently;
-* ``labels`` are the input ids themselves: the shift by one happens inside the loss, transformers'
-  own ``ForCausalLM`` loss (``self.loss_function``), which takes ``num_items_in_batch`` so that
-  gradient accumulation averages over tokens, not over micro-batches. ``shift_labels`` (targets
-  already shifted, as nanoGPT's random windows give them: all ``T`` positions predict) is a named
-  argument, not a ``**kwargs`` one, because ``Trainer`` drops every batch key the forward's
-  signature does not name.
-
-Bad input fails early with a message that names the field and the limit, instead of an
-``IndexError`` from an embedding lookup.
+The class hierarchy is transformers': ``<Name>ForCausalLM`` -> ``<Name>PreTrainedModel`` ->
+:class:`ZooPreTrainedModel` -> ``PreTrainedModel``.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from contextvars import ContextVar
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-
-# Registers lesson 9's "zoo_int8" quantizer with transformers on import: every saved zoo folder
-# carries it, so a folder saved quantized reloads quantized under trust_remote_code too.
-from .quantization_int8 import ZooInt8Config  # noqa: F401
 
 # The output field the installed transformers names the cache (see the module docstring).
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -75,7 +57,12 @@ def take_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
 
 
 def take_loss_kwargs(kwargs: dict, shift_labels: torch.LongTensor | None) -> dict:
-    """The loss's keywords, taken out of ``kwargs`` before the rest is checked, plus ``shift_labels`` if given."""
+    """The loss's keywords, taken out of ``kwargs`` before the rest is checked, plus ``shift_labels`` if given.
+
+    ``shift_labels`` (targets already shifted, as nanoGPT's random windows give them: all ``T``
+    positions predict) is a named forward argument, not a ``**kwargs`` one, because ``Trainer``
+    drops every batch key the forward's signature does not name.
+    """
     loss_kwargs = {name: kwargs.pop(name) for name in LOSS_KWARGS if name in kwargs}
     if shift_labels is not None:
         loss_kwargs["shift_labels"] = shift_labels
@@ -94,23 +81,20 @@ def refuse_unknown_kwargs(model: nn.Module, kwargs: dict) -> None:
         )
 
 
-def has_padding(attention_mask: torch.Tensor | None, cache: Cache | None, past_length: int) -> bool:
-    """Whether a 2-D ``attention_mask`` hides any token, decided once per sequence.
+def mask_has_padding(attention_mask: torch.Tensor | None, past_length: int) -> bool:
+    """Whether a 2-D ``attention_mask`` must be honoured in this forward, with no state kept anywhere.
 
-    ``bool(mask.all())`` reads a value back to the host: on a GPU it waits for every queued kernel.
-    Done at every decode step, that is one sync per generated token. So it is decided on the
-    prefill (``past_length == 0``) and remembered on the cache; decode steps only append real
-    tokens, so the answer cannot change. A cache that did not see the prefill is assumed padded
-    (the mask is then built, which is correct either way, just not the fastest path).
+    On the prefill (``past_length == 0``) the mask is read once: ``bool(mask.all())`` is a host
+    read, on a GPU a wait for every queued kernel, which is fine once per sequence. A decode step
+    (``past_length > 0``) never reads it: the mask is simply honoured, which costs a few tiny
+    ops and is correct whether or not the batch is padded; reading it would be one device sync
+    per generated token.
     """
     if attention_mask is None:
         return False
-    if cache is None or past_length == 0:
-        padded = not bool(attention_mask.all())
-        if cache is not None:
-            cache.zoo_has_padding = padded
-        return padded
-    return getattr(cache, "zoo_has_padding", True)
+    if past_length > 0:
+        return True
+    return not bool(attention_mask.all())
 
 
 def keep_last_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -121,12 +105,124 @@ def keep_last_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch
     return hidden_states[:, logits_to_keep]
 
 
+class RecurrentStateLayer(LinearAttentionLayer):
+    """One layer's state, stored by transformers' linear-attention cache layer (in place, fixed shape)."""
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        state = super().update_recurrent_state(recurrent_states, state_idx, **kwargs)
+        # The parent marks a state as present only through its conv path; we have no conv state.
+        self.has_previous_state[state_idx] = True
+        return state
+
+
+class RecurrentStateCache(Cache):
+    """Per-layer fixed-size states plus a count of the tokens they summarise (lessons 1-3).
+
+    A transformer must keep every past key and value, because attention looks back at all of them
+    (lesson 6). A recurrent network (lesson 3) squeezes the whole past into its hidden state, and
+    an n-gram model (lesson 2) only ever looks at its last ``n - 1`` tokens: for both, the cache
+    that makes generation cheap is one fixed-size tensor per layer, and each new token costs one
+    step instead of a re-run of the prefix. transformers' ``LinearAttentionLayer`` (Mamba-style
+    models) already stores such states; this cache adds ``get_seq_length`` (the tokens seen, which
+    ``generate()`` asks for) and says it is not compileable (no 4-D attention masks to build).
+    Beam search works unchanged: ``Cache.reorder_cache`` reorders the states along the batch axis.
+
+    Args:
+        num_layers: how many layers keep a state (0 is fine: a bigram model needs none).
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[RecurrentStateLayer() for _ in range(num_layers)])
+        self.seen_tokens = 0
+
+    def get_state(self, layer_idx: int) -> torch.Tensor | None:
+        """The state after the last token seen, or None before the first forward."""
+        return self.get_recurrent_state(layer_idx)
+
+    def set_state(self, state: torch.Tensor, layer_idx: int) -> None:
+        self.update_recurrent_state(state, layer_idx)
+
+    def advance(self, num_tokens: int) -> None:
+        """Record that the states now also summarise ``num_tokens`` more tokens."""
+        self.seen_tokens += num_tokens
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+
+# Lesson 9's hand-written int8 (``quantization_int8.py`` + ``int8.py``) registers itself with
+# transformers as this quantization method. Only a folder saved quantized with it carries that code.
+INT8_QUANT_METHOD = "zoo_int8"
+INT8_FILES = ("quantization_int8.py", "int8.py")
+INT8_ENTRY = "quantized_int8"
+
+
+def _quant_method(config) -> str | None:
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict):
+        return quantization.get("quant_method")
+    return getattr(quantization, "quant_method", None)
+
+
+def carry_int8_quantizer(folder: Path) -> None:
+    """Make a folder saved quantized with lesson 9's int8 load quantized under ``trust_remote_code`` too.
+
+    transformers resolves ``config.quantization_config["quant_method"]`` only among the quantizers it
+    knows, so ``"zoo_int8"`` must be registered before the weights load. The folder gets the int8
+    code and a small entry module, ``quantized_int8.py``, that imports the quantizer (which registers
+    it) and then re-exports the model classes; ``auto_map`` points at the entry module. transformers
+    imports the model's module before it looks the quantizer up, so the registration is in time. An
+    unquantized folder carries none of this.
+    """
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    auto_map = dict(config.get("auto_map") or {})
+    targets = {auto: reference for auto, reference in auto_map.items() if auto != "AutoConfig"}
+    if not targets:
+        return
+    here = Path(__file__).resolve().parent  # also the dynamic-module folder of a model loaded with trust_remote_code
+    for name in INT8_FILES:
+        shutil.copyfile(here / name, folder / name)
+    imports = sorted({(reference.split(".")[0], reference.split(".")[1]) for reference in targets.values() if not reference.startswith(INT8_ENTRY + ".")})
+    lines = [
+        '"""Written by ``save_pretrained``: this folder was quantized with lesson 9\'s hand-written int8 (``zoo_int8``).',
+        "",
+        "Importing the quantizer registers ``zoo_int8`` with transformers, before it reads the quantized weights;",
+        'then the model classes are the usual ones."""',
+        "",
+        "from .quantization_int8 import ZooInt8Config  # noqa: F401  (registers the quantizer)",
+    ]
+    lines += [f"from .{module} import {name}  # noqa: F401" for module, name in imports]
+    (folder / f"{INT8_ENTRY}.py").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config["auto_map"] = {auto: (reference if auto == "AutoConfig" else f"{INT8_ENTRY}.{reference.split('.')[-1]}") for auto, reference in auto_map.items()}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# True while a causal LM builds its backbone (see ZooPreTrainedModel.build_backbone).
+_BUILDING_INSIDE_CAUSAL_LM: ContextVar[bool] = ContextVar("building_inside_causal_lm", default=False)
+
+
 class ZooPreTrainedModel(PreTrainedModel):
-    """Base class of every model in the zoo: config checks, input checks, cache defaults."""
+    """Base class of every model in the zoo: input checks, the loss, cache defaults, init order, folder layout.
+
+    A model sets ``base_model_class`` (its ``<Name>Model``, ``None`` for the bigram table) and,
+    where it once saved its weights at the top level, ``_legacy_key_mapping`` (regex ->
+    replacement) so that ``from_pretrained`` still reads such folders.
+    """
 
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    base_model_class: type[PreTrainedModel] | None = None
+    _legacy_key_mapping: dict[str, str] | None = None
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -135,9 +231,46 @@ class ZooPreTrainedModel(PreTrainedModel):
         # Returning False stops ``generate()`` from pre-building a transformers ``DynamicCache``.
         return False
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        if cls._legacy_key_mapping and "key_mapping" not in kwargs:
+            kwargs["key_mapping"] = cls._legacy_key_mapping
+        return super().from_pretrained(*args, **kwargs)
+
     def new_cache(self) -> Cache:
         """The cache a forward with ``use_cache=True`` creates when none is passed."""
         raise NotImplementedError
+
+    def init_weights(self):
+        # Built inside a causal LM, the backbone leaves its init to the LM's one pass over the whole tree.
+        if not _BUILDING_INSIDE_CAUSAL_LM.get():
+            super().init_weights()
+
+    def build_backbone(self, config) -> PreTrainedModel:
+        """``base_model_class(config)``, initialised later by this model's own ``post_init``.
+
+        Weights are initialised once, from the top, after the LM head exists. The order matters for
+        reproducibility: torch draws a default init for every layer it constructs, so a backbone
+        that initialised itself before the head was built would shift the random stream, and every
+        seeded result of the lessons with it.
+        """
+        token = _BUILDING_INSIDE_CAUSAL_LM.set(True)
+        try:
+            return self.base_model_class(config)
+        finally:
+            _BUILDING_INSIDE_CAUSAL_LM.reset(token)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # A folder loads its backbone alone through `AutoModel` too, also with trust_remote_code.
+        backbone = getattr(self, "model", None)
+        if self._auto_class is not None and getattr(type(backbone), "_auto_class", None) is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map["AutoModel"] = f"{type(backbone).__module__.split('.')[-1]}.{type(backbone).__name__}"
+            self.config.auto_map = auto_map
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if self._auto_class is not None and _quant_method(self.config) == INT8_QUANT_METHOD:
+            carry_int8_quantizer(Path(save_directory))
+        return result
 
     def causal_lm_loss(self, logits: torch.Tensor, labels: torch.LongTensor | None, loss_kwargs: dict) -> torch.Tensor | None:
         """transformers' causal LM loss when ``labels`` are given (``loss_kwargs`` from :func:`take_loss_kwargs`)."""
@@ -205,23 +338,11 @@ class ZooPreTrainedModel(PreTrainedModel):
             past_key_values = self.new_cache()
         return (past_key_values if use_cache else None), past_length, seq_len
 
-
-# True while a causal LM builds its backbone (see ZooForCausalLM.build_backbone).
-_BUILDING_INSIDE_CAUSAL_LM: ContextVar[bool] = ContextVar("building_inside_causal_lm", default=False)
-
-
-class ZooModel(ZooPreTrainedModel):
-    """Base of the zoo's backbones (``<Name>Model``): ids or embeddings in, hidden states out."""
-
-    def init_weights(self):
-        # Built inside a causal LM, the backbone leaves its init to the LM's one pass over the whole tree.
-        if not _BUILDING_INSIDE_CAUSAL_LM.get():
-            super().init_weights()
-
+    @staticmethod
     def model_output(
-        self, hidden_states: torch.Tensor, cache: Cache | None, all_hidden_states: list | None, return_dict: bool | None
+        hidden_states: torch.Tensor, cache: Cache | None, all_hidden_states: list | None, return_dict: bool | None
     ) -> BaseModelOutputWithPast | tuple:
-        """Wrap the final hidden states (B, T, C), the cache and (if asked) every layer's input."""
+        """A backbone's output: the final hidden states (B, T, C), the cache and (if asked) every layer's input."""
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
@@ -230,97 +351,13 @@ class ZooModel(ZooPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
-class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
-    """Base of ``<Name>ForCausalLM``: a backbone under ``self.model`` and an ``lm_head``.
-
-    Subclasses set ``base_model_class`` and build ``self.model`` and ``self.lm_head`` in ``__init__``; the forward, the loss, the
-    cache and the embedding accessors (transformers' own, through ``self.model.embed_tokens`` and
-    ``self.lm_head``) are shared.
-
-    ``_legacy_key_mapping`` (regex -> replacement) lets ``from_pretrained`` read folders saved
-    before a model had a backbone, when its weights sat at the top level.
-    """
-
-    base_model_class: type[ZooModel] | None = None  # the backbone built as `self.model`, registered with AutoModel
-    _legacy_key_mapping: dict[str, str] | None = None
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        if cls._legacy_key_mapping and "key_mapping" not in kwargs:
-            kwargs["key_mapping"] = cls._legacy_key_mapping
-        return super().from_pretrained(*args, **kwargs)
-
-    def build_backbone(self, config) -> ZooModel:
-        """``base_model_class(config)``, initialised later by this model's own ``post_init``.
-
-        Weights are initialised once, from the top, after the LM head exists. The order matters for
-        reproducibility: torch draws a default init for every layer it constructs, so a backbone
-        that initialised itself before the head was built would shift the random stream, and every
-        seeded result of the lessons with it.
-        """
-        token = _BUILDING_INSIDE_CAUSAL_LM.set(True)
-        try:
-            return self.base_model_class(config)
-        finally:
-            _BUILDING_INSIDE_CAUSAL_LM.reset(token)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        # A folder loads its backbone alone through `AutoModel` too, also with trust_remote_code.
-        backbone = type(self.model)
-        if self._auto_class is not None and getattr(backbone, "_auto_class", None) is not None:
-            auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            auto_map["AutoModel"] = f"{backbone.__module__.split('.')[-1]}.{backbone.__name__}"
-            self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        shift_labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
-        loss_kwargs = take_loss_kwargs(kwargs, shift_labels)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            **kwargs,
-        )
-        logits = self.lm_head(keep_last_positions(outputs.last_hidden_state, logits_to_keep))  # (B, T, C) -> (B, T, V)
-        loss = self.causal_lm_loss(logits, labels, loss_kwargs)
-        output = self.causal_lm_output(loss, logits, outputs)
-        return output if return_dict is not False else output.to_tuple()
-
-    def causal_lm_output(self, loss: torch.Tensor | None, logits: torch.Tensor, outputs: BaseModelOutputWithPast):
-        """The output of ``forward``; a model with more to report (an MoE's ``aux_loss``) overrides this."""
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
-        )
-
-
 __all__ = [
     "CACHE_FIELD",
     "LOSS_KWARGS",
-    "ZooForCausalLM",
-    "ZooModel",
+    "RecurrentStateCache",
     "ZooPreTrainedModel",
-    "has_padding",
     "keep_last_positions",
+    "mask_has_padding",
     "take_cache",
     "take_loss_kwargs",
 ]

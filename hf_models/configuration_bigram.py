@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import PreTrainedConfig
 
-from .config_validation import require_positive_int
+
+# Copied from hf_models.configuration_gpt.require_positive_int
+def require_positive_int(config: Any, field: str) -> None:
+    """Raise if ``config.<field>`` is not an integer greater than zero."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a positive integer, got {value!r}.")
 
 
 class BigramConfig(PreTrainedConfig):

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from transformers import PreTrainedConfig
 
-from .config_validation import require_choice, require_divisible, require_moe_routing, require_positive_int, require_probability
-from .decoder import KV_CACHE_TYPES, POSITION_TYPES
-from .feed_forward import GELU_ACTIVATIONS, swiglu_intermediate_size
-from .moe import MOE_FEED_FORWARD, MoEDecoderSpec
-
+# Copied from hf_models.configuration_gpt.KV_CACHE_TYPES
+KV_CACHE_TYPES = ("growing", "static")
+# Copied from hf_models.configuration_gpt.GELU_ACTIVATIONS
+GELU_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh")
 NORM_TYPES = ("layernorm", "rmsnorm")
+# "none" is NoPE (Haviv et al. 2022; Kazemnejad et al. 2023): a causal decoder can infer positions
+# without being told, since token t attends to exactly t + 1 keys.
+POSITION_TYPES = ("learned", "rope", "none")
 FEED_FORWARD_TYPES = ("gelu", "swiglu", "moe")
 
 # Each preset is the field values that make this config build the dedicated model of a lesson,
@@ -21,16 +24,82 @@ PRESETS: dict[str, dict[str, Any]] = {
     # GELU MLP, biases everywhere.
     "gpt": dict(
         norm="layernorm", norm_eps=1e-5, qk_norm=False, positions="learned", feed_forward="gelu", fused_qkv=True, bias=True,
+        scale_residual_init=True,
     ),
     # Lesson 5, LLaMA: RMSNorm, rotary positions, grouped-query attention, SwiGLU, no biases.
     "modern": dict(
         norm="rmsnorm", norm_eps=1e-6, qk_norm=False, positions="rope", feed_forward="swiglu", fused_qkv=False, bias=False,
+        scale_residual_init=False,
     ),
     # Lesson 10, Mixtral: the modern decoder with a routed mixture of SwiGLU experts.
     "moe": dict(
         norm="rmsnorm", norm_eps=1e-6, qk_norm=False, positions="rope", feed_forward="moe", fused_qkv=False, bias=False,
+        scale_residual_init=False,
     ),
 }
+
+
+# Copied from hf_models.configuration_modern.swiglu_intermediate_size
+def swiglu_intermediate_size(hidden_size: int) -> int:
+    """LLaMA's SwiGLU width: ``8/3 * hidden_size`` rounded up to a multiple of 32.
+
+    SwiGLU has three matrices to the GELU MLP's two, so 8/3 x width keeps the parameters of a 4x MLP.
+    """
+    return 32 * -(-8 * hidden_size // (3 * 32))
+
+
+# Copied from hf_models.configuration_gpt.require_positive_int
+def require_positive_int(config: Any, field: str) -> None:
+    """Raise if ``config.<field>`` is not an integer greater than zero."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a positive integer, got {value!r}.")
+
+
+# Copied from hf_models.configuration_gpt.require_choice
+def require_choice(config: Any, field: str, allowed: Iterable[Any]) -> None:
+    """Raise if ``config.<field>`` is not one of ``allowed``."""
+    value = getattr(config, field)
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{type(config).__name__}.{field} must be one of {list(allowed)}, got {value!r}.")
+
+
+# Copied from hf_models.configuration_gpt.require_probability
+def require_probability(config: Any, field: str) -> None:
+    """Raise if ``config.<field>`` is not a number in [0, 1) (dropout rates and the like)."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a number in [0, 1), got {value!r}.")
+
+
+# Copied from hf_models.configuration_gpt.require_divisible
+def require_divisible(config: Any, field: str, divisor_field: str) -> None:
+    """Raise if ``config.<field>`` is not a multiple of ``config.<divisor_field>``."""
+    value, divisor = getattr(config, field), getattr(config, divisor_field)
+    if value % divisor != 0:
+        raise ValueError(f"{type(config).__name__}.{field}={value} must be divisible by {divisor_field}={divisor}.")
+
+
+# Copied from hf_models.configuration_moe.require_moe_routing
+def require_moe_routing(config: Any) -> None:
+    """The mixture-of-experts fields (Mixtral's names): ``1 <= num_experts_per_tok <= num_local_experts``,
+    loss coefficients ``>= 0`` and boolean switches."""
+    name = type(config).__name__
+    require_positive_int(config, "num_local_experts")
+    require_positive_int(config, "num_experts_per_tok")
+    if config.num_experts_per_tok > config.num_local_experts:
+        raise ValueError(
+            f"{name}.num_experts_per_tok={config.num_experts_per_tok} must be at most "
+            f"num_local_experts={config.num_local_experts}: a token cannot be routed to more experts than there are."
+        )
+    for field in ("router_aux_loss_coef", "router_z_loss_coef"):
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name}.{field} must be a number >= 0, got {value!r}.")
+    for field in ("output_router_logits", "router_aux_loss_per_layer"):
+        if not isinstance(getattr(config, field), bool):
+            raise ValueError(f"{name}.{field} must be True or False, got {getattr(config, field)!r}.")
 
 
 def default_intermediate_size(hidden_size: int, feed_forward: str) -> int:
@@ -78,6 +147,8 @@ class ConfigurableDecoderConfig(PreTrainedConfig):
             other MoE losses, as in `MoEDecoderConfig`.
         fused_qkv (`bool`, defaults to `True`): One q/k/v projection (GPT-2's `c_attn`) or three (LLaMA's).
         bias (`bool`, defaults to `True`): Biases in every Linear and LayerNorm (GPT-2) or none (LLaMA).
+        scale_residual_init (`bool`, defaults to `True`): GPT-2's init of the projections that write into the
+            residual stream (`o_proj`, `down_proj`) at `initializer_range / sqrt(2 * num_hidden_layers)` (LLaMA: off).
         dropout (`float`, defaults to 0.0): Dropout on embeddings and each residual branch.
         attention_dropout (`float`, defaults to 0.0): Dropout on the attention weights.
         initializer_range (`float`, defaults to 0.02): Std of the normal init.
@@ -114,6 +185,7 @@ class ConfigurableDecoderConfig(PreTrainedConfig):
     router_z_loss_coef: float = 0.0
     fused_qkv: bool = True
     bias: bool = True
+    scale_residual_init: bool = True
     dropout: float = 0.0
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
@@ -162,9 +234,9 @@ class ConfigurableDecoderConfig(PreTrainedConfig):
         require_choice(self, "norm", NORM_TYPES)
         require_choice(self, "positions", POSITION_TYPES)
         require_choice(self, "feed_forward", FEED_FORWARD_TYPES)
-        require_choice(self, "hidden_act", sorted(GELU_ACTIVATIONS))
+        require_choice(self, "hidden_act", GELU_ACTIVATIONS)
         require_choice(self, "kv_cache", KV_CACHE_TYPES)
-        for name in ("qk_norm", "fused_qkv", "bias"):
+        for name in ("qk_norm", "fused_qkv", "bias", "scale_residual_init"):
             require_choice(self, name, (True, False))
         require_probability(self, "dropout")
         require_probability(self, "attention_dropout")
@@ -178,34 +250,6 @@ class ConfigurableDecoderConfig(PreTrainedConfig):
                     f"ConfigurableDecoderConfig.{name}={value!r} applies only to feed_forward='moe' (there is no router to "
                     f"balance); with feed_forward={self.feed_forward!r} it must be 0."
                 )
-
-    def decoder_spec(self) -> MoEDecoderSpec:
-        return MoEDecoderSpec(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_position_embeddings,
-            norm=self.norm,
-            norm_eps=self.norm_eps,
-            norm_bias=self.bias,
-            qk_norm=self.qk_norm,
-            mlp=MOE_FEED_FORWARD if self.feed_forward == "moe" else self.feed_forward,
-            hidden_act=self.hidden_act,
-            mlp_bias=self.bias,
-            attention_bias=self.bias,
-            fused_qkv=self.fused_qkv,
-            positions=self.positions,
-            rope_theta=self.rope_theta,
-            embedding_dropout=self.dropout,
-            residual_dropout=self.dropout,
-            attention_dropout=self.attention_dropout,
-            num_local_experts=self.num_local_experts,
-            num_experts_per_tok=self.num_experts_per_tok,
-        )
 
 
 __all__ = ["FEED_FORWARD_TYPES", "NORM_TYPES", "PRESETS", "ConfigurableDecoderConfig"]

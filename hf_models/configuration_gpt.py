@@ -4,9 +4,46 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .config_validation import require_choice, require_divisible, require_positive_int, require_probability
-from .decoder import KV_CACHE_TYPES, DecoderSpec
-from .feed_forward import GELU_ACTIVATIONS
+from collections.abc import Iterable
+from typing import Any
+
+# The hand-written KV caches of lesson 6 that `generate()` can use by default.
+KV_CACHE_TYPES = ("growing", "static")
+# GELU variants by transformers' ACT2FN names (the modeling file maps each to its function).
+GELU_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh")
+
+
+# A config is the contract between a saved checkpoint and the code that rebuilds it, so a wrong value
+# fails when the config is built, naming the field, the value and what is allowed, rather than as a
+# shape mismatch three modules deep. (transformers' own configs use huggingface_hub's @strict; a
+# saved zoo folder imports only the standard library, torch and transformers.)
+def require_positive_int(config: Any, field: str) -> None:
+    """Raise if ``config.<field>`` is not an integer greater than zero."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a positive integer, got {value!r}.")
+
+
+def require_choice(config: Any, field: str, allowed: Iterable[Any]) -> None:
+    """Raise if ``config.<field>`` is not one of ``allowed``."""
+    value = getattr(config, field)
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{type(config).__name__}.{field} must be one of {list(allowed)}, got {value!r}.")
+
+
+def require_probability(config: Any, field: str) -> None:
+    """Raise if ``config.<field>`` is not a number in [0, 1) (dropout rates and the like)."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a number in [0, 1), got {value!r}.")
+
+
+def require_divisible(config: Any, field: str, divisor_field: str) -> None:
+    """Raise if ``config.<field>`` is not a multiple of ``config.<divisor_field>``."""
+    value, divisor = getattr(config, field), getattr(config, divisor_field)
+    if value % divisor != 0:
+        raise ValueError(f"{type(config).__name__}.{field}={value} must be divisible by {divisor_field}={divisor}.")
 
 
 class GPTConfig(PreTrainedConfig):
@@ -68,34 +105,10 @@ class GPTConfig(PreTrainedConfig):
         for name in ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             require_positive_int(self, name)
         require_divisible(self, "hidden_size", "num_attention_heads")
-        require_choice(self, "hidden_act", sorted(GELU_ACTIVATIONS))
+        require_choice(self, "hidden_act", GELU_ACTIVATIONS)
         require_choice(self, "kv_cache", KV_CACHE_TYPES)
         require_probability(self, "dropout")
         require_probability(self, "attention_dropout")
-
-    def decoder_spec(self) -> DecoderSpec:
-        return DecoderSpec(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_attention_heads,
-            head_dim=self.hidden_size // self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_position_embeddings,
-            norm="layernorm",
-            norm_eps=self.layer_norm_eps,
-            norm_bias=self.bias,
-            mlp="gelu",
-            hidden_act=self.hidden_act,
-            mlp_bias=self.bias,
-            attention_bias=self.bias,
-            fused_qkv=True,  # GPT-2's c_attn: one matmul for q, k and v
-            positions="learned",
-            embedding_dropout=self.dropout,
-            residual_dropout=self.dropout,
-            attention_dropout=self.attention_dropout,
-        )
 
 
 __all__ = ["GPTConfig"]

@@ -2,10 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from transformers import PreTrainedConfig
 
-from .config_validation import require_choice, require_positive_int, require_probability
-from .gru import GRU_IMPLEMENTATIONS
+# The GRU's two code paths: the hand-written loop ("eager") and torch's fused kernel ("torch").
+GRU_IMPLEMENTATIONS = ("eager", "torch")
+
+
+# Copied from hf_models.configuration_gpt.require_positive_int
+def require_positive_int(config: Any, field: str) -> None:
+    """Raise if ``config.<field>`` is not an integer greater than zero."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a positive integer, got {value!r}.")
+
+
+# Copied from hf_models.configuration_gpt.require_choice
+def require_choice(config: Any, field: str, allowed: Iterable[Any]) -> None:
+    """Raise if ``config.<field>`` is not one of ``allowed``."""
+    value = getattr(config, field)
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{type(config).__name__}.{field} must be one of {list(allowed)}, got {value!r}.")
+
+
+# Copied from hf_models.configuration_gpt.require_probability
+def require_probability(config: Any, field: str) -> None:
+    """Raise if ``config.<field>`` is not a number in [0, 1) (dropout rates and the like)."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a number in [0, 1), got {value!r}.")
 
 
 class GRULMConfig(PreTrainedConfig):

@@ -4,9 +4,52 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .config_validation import require_choice, require_divisible, require_positive_int, require_probability
-from .decoder import KV_CACHE_TYPES, DecoderSpec
-from .feed_forward import swiglu_intermediate_size
+from collections.abc import Iterable
+from typing import Any
+
+# Copied from hf_models.configuration_gpt.KV_CACHE_TYPES
+KV_CACHE_TYPES = ("growing", "static")
+
+
+def swiglu_intermediate_size(hidden_size: int) -> int:
+    """LLaMA's SwiGLU width: ``8/3 * hidden_size`` rounded up to a multiple of 32.
+
+    SwiGLU has three matrices to the GELU MLP's two, so 8/3 x width keeps the parameters of a 4x MLP.
+    """
+    return 32 * -(-8 * hidden_size // (3 * 32))
+
+
+# Copied from hf_models.configuration_gpt.require_positive_int
+def require_positive_int(config: Any, field: str) -> None:
+    """Raise if ``config.<field>`` is not an integer greater than zero."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a positive integer, got {value!r}.")
+
+
+# Copied from hf_models.configuration_gpt.require_choice
+def require_choice(config: Any, field: str, allowed: Iterable[Any]) -> None:
+    """Raise if ``config.<field>`` is not one of ``allowed``."""
+    value = getattr(config, field)
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{type(config).__name__}.{field} must be one of {list(allowed)}, got {value!r}.")
+
+
+# Copied from hf_models.configuration_gpt.require_probability
+def require_probability(config: Any, field: str) -> None:
+    """Raise if ``config.<field>`` is not a number in [0, 1) (dropout rates and the like)."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a number in [0, 1), got {value!r}.")
+
+
+# Copied from hf_models.configuration_gpt.require_divisible
+def require_divisible(config: Any, field: str, divisor_field: str) -> None:
+    """Raise if ``config.<field>`` is not a multiple of ``config.<divisor_field>``."""
+    value, divisor = getattr(config, field), getattr(config, divisor_field)
+    if value % divisor != 0:
+        raise ValueError(f"{type(config).__name__}.{field}={value} must be divisible by {divisor_field}={divisor}.")
 
 
 class ModernDecoderConfig(PreTrainedConfig):
@@ -83,29 +126,6 @@ class ModernDecoderConfig(PreTrainedConfig):
         require_choice(self, "kv_cache", KV_CACHE_TYPES)
         require_probability(self, "dropout")
         require_probability(self, "attention_dropout")
-
-    def decoder_spec(self) -> DecoderSpec:
-        return DecoderSpec(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_position_embeddings,
-            norm="rmsnorm",
-            norm_eps=self.rms_norm_eps,
-            norm_bias=False,
-            mlp="swiglu",
-            mlp_bias=False,
-            attention_bias=False,
-            positions="rope",
-            rope_theta=self.rope_theta,
-            embedding_dropout=self.dropout,
-            residual_dropout=self.dropout,
-            attention_dropout=self.attention_dropout,
-        )
 
 
 __all__ = ["ModernDecoderConfig"]

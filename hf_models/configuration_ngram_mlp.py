@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import PreTrainedConfig
 
-from .config_validation import require_positive_int, require_probability
+
+# Copied from hf_models.configuration_gpt.require_positive_int
+def require_positive_int(config: Any, field: str) -> None:
+    """Raise if ``config.<field>`` is not an integer greater than zero."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a positive integer, got {value!r}.")
+
+
+# Copied from hf_models.configuration_gpt.require_probability
+def require_probability(config: Any, field: str) -> None:
+    """Raise if ``config.<field>`` is not a number in [0, 1) (dropout rates and the like)."""
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{type(config).__name__}.{field} must be a number in [0, 1), got {value!r}.")
 
 
 class NGramMLPConfig(PreTrainedConfig):

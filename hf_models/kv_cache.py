@@ -7,7 +7,7 @@ prefix: O(n) tokens through every layer, O(n^2) work for a sequence. But causal 
 the keys and values of old tokens never change once computed, so we store them: each step then
 computes q/k/v for the *one* new token, appends its k/v to the cache, and attends over the cache.
 Per-step compute drops from O(n * model) to O(model + n * layers * width), and decoding becomes
-limited by reading the cache from memory -- which is why MQA/GQA (``attention.py``) shrink it.
+limited by reading the cache from memory -- which is why MQA/GQA (``modeling_modern.py``'s ``repeat_kv``) shrink it.
 
 Memory: ``2 (k and v) * layers * kv_heads * head_dim * tokens * batch * bytes``. For LLaMA-2-7B
 (32 layers, 32 kv heads of 128, fp16) that is 0.5 MB per token: a 4k context is 2 GB per sequence.

@@ -20,9 +20,8 @@ from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .causal_lm import CACHE_FIELD, ZooPreTrainedModel, keep_last_positions, take_loss_kwargs
+from .causal_lm import CACHE_FIELD, RecurrentStateCache, ZooPreTrainedModel, keep_last_positions, take_loss_kwargs
 from .configuration_bigram import BigramConfig
-from .recurrent_cache import RecurrentStateCache
 
 
 class BigramPreTrainedModel(ZooPreTrainedModel):

@@ -1,42 +1,660 @@
-"""Lesson 10: the mixture-of-experts decoder, the modern decoder with a routed FFN (Mixtral's architecture).
+"""Lesson 10: the mixture-of-experts decoder (Shazeer et al. 2017; Switch, Fedus et al. 2021; Mixtral 2024), whole in one file.
 
-The skeleton is lesson 5's (``decoder.py``: RMSNorm, rotary, grouped-query attention); only the
-feed-forward slot changes, to ``moe.SparseMoeBlock`` (``E`` SwiGLU experts, top-``k`` routing). The
-outputs follow transformers' Mixtral: with ``output_router_logits`` the backbone returns every
-layer's router logits (a :class:`~transformers.modeling_outputs.MoeModelOutputWithPast`) and the
-causal LM the Switch balancing loss as ``aux_loss``, added to ``loss`` (times
+The skeleton is lesson 5's (RMSNorm, rotary, grouped-query attention, copied from ``modeling_modern.py``
+under ``# Copied from`` markers); only the feed-forward slot changes, to :class:`SparseMoeBlock`. The
+outputs follow transformers' Mixtral: with ``output_router_logits`` the backbone returns every layer's
+router logits and the causal LM the Switch balancing loss as ``aux_loss``, added to ``loss`` (times
 ``router_aux_loss_coef``, plus ST-MoE's z-loss times ``router_z_loss_coef``) when labels are given.
-``hf_models.conversion.mixtral`` converts to and from ``transformers.MixtralForCausalLM`` with
-identical logits.
+``hf_models.conversion.mixtral`` converts to and from ``transformers.MixtralForCausalLM`` with identical logits.
+
+What
+----
+A dense decoder runs every token through the same feed-forward network (FFN). A mixture of experts
+(MoE) keeps ``E`` FFNs, the *experts*, and a small linear *router* that sends each token to only
+``k`` of them::
+
+    logits  = x @ W_router.T                      # (N, E)
+    probs   = softmax(logits)
+    w, idx  = top_k(probs, k); w = w / w.sum()    # (N, k), renormalised over the chosen k
+    y       = sum_j w_j * expert[idx_j](x)
+
+The model holds ``E`` FFNs' worth of parameters but each token pays for ``k``: capacity grows with
+``E`` while the FLOPs per token stay those of a ``k``-wide dense FFN. That is why frontier models
+(Mixtral 8x7B: ``E=8, k=2``; DeepSeek-V3: 256 routed experts, ``k=8``, plus a shared one) are MoEs.
+
+Load balancing
+--------------
+Left alone, the router collapses: the experts that win early get the gradient, get better and win
+more, and the rest starve. The Switch Transformer's auxiliary loss pushes towards a uniform load::
+
+    aux = E * sum_e f_e * P_e
+
+with ``f_e`` the fraction of routing slots sent to expert ``e`` (not differentiable) and ``P_e`` the
+mean router probability of ``e`` (differentiable): it is minimal (= k) when both are uniform.
+:func:`load_balancing_loss` computes it exactly as transformers' Mixtral does (counts over all
+layers at once, padding excluded). ST-MoE (Zoph et al. 2022) adds the router *z-loss*,
+``mean(logsumexp(logits)^2)``, which keeps router logits small so the softmax stays stable in low
+precision (:func:`router_z_loss`).
+
+Dispatch, and how frontier systems do it
+----------------------------------------
+The naive way loops over experts and, for each, builds a boolean mask over the whole batch, gathers
+the matching tokens, runs the expert and scatters back: ``E`` passes over all ``N`` tokens just to
+find each expert's share. Here the ``N * k`` (token, expert) assignments are **sorted by expert**
+once; each expert's tokens are then one contiguous slice of the sorted batch, and each expert runs
+one matmul per projection over its slice (a "grouped" GEMM written as a loop of plain matmuls).
+The trade-off: the sort and the gather/scatter cost memory traffic of ``N * k * C``, and reading
+the per-expert counts (to split the batch) is one host sync per layer; in exchange no work is done
+for tokens an expert does not see, and every matmul is dense.
+
+A decode step (one new token per sequence, ``T == 1``, eval mode) takes another path,
+:meth:`SparseMoeBlock.dense_decode`: every expert runs on the few new tokens and the weights are
+zero off the top ``k``. Decoding is memory-bound, so that costs about what reading the chosen
+experts would, and it reads nothing back to the host, so generation makes no device sync per token.
+
+Each block returns its router logits with its output, as Mixtral's does, rather than keeping them
+on the module: a module that remembers its last input is state that outlives the forward.
+
+Experts stay separate ``nn.Linear`` modules (``experts.<e>.gate_proj`` and so on), not one 3-D
+tensor, so peft can put a LoRA adapter on each and bitsandbytes can quantize each; the router weight
+is a bare parameter, not a ``Linear``, so quantization and "all-linear" LoRA leave routing in full
+precision, as in transformers' Mixtral.
+
+At scale:
+
+* **Expert parallelism** (GShard, Lepikhin et al. 2020): each device holds a few experts; tokens
+  travel to their experts' devices and back in two all-to-all exchanges per MoE layer.
+* **Capacity factor and token dropping** (GShard, Switch): to give every expert a fixed-size buffer
+  (static shapes for TPUs/all-to-all), each expert takes at most ``capacity_factor * N * k / E``
+  tokens and the overflow skips the layer through the residual. This module is *dropless*: every
+  token is computed, as in Mixtral and MegaBlocks.
+* **Grouped GEMM** (MegaBlocks, Gale et al. 2022; ``torch._grouped_mm``, CUTLASS grouped GEMM): one
+  kernel launch multiplies all experts' variable-sized slices, expressed as block-sparse matmuls,
+  instead of ``E`` launches; that is the GPU version of the per-expert loop below.
+* Fine-grained and shared experts (DeepSeekMoE, Dai et al. 2024) and auxiliary-loss-free balancing
+  by a per-expert bias on the router logits (DeepSeek-V3) are the current refinements.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
-from .causal_lm import CACHE_FIELD
+from .causal_lm import CACHE_FIELD, ZooPreTrainedModel, keep_last_positions, mask_has_padding, take_loss_kwargs
 from .configuration_moe import MoEDecoderConfig
-from .decoder import DecoderForCausalLM, DecoderModel, DecoderPreTrainedModel
-from .moe import SparseMoeBlock, TopKRouter, load_balancing_loss, router_z_loss
+from .kv_cache import GrowingKVCache, StaticKVCache
 
 
-class MoEDecoderPreTrainedModel(DecoderPreTrainedModel):
-    """The decoders' init, plus the router's (a bare parameter that the generic init does not know)."""
+# Copied from hf_models.modeling_modern.RMSNorm
+class RMSNorm(nn.Module):
+    """Root-mean-square normalization (Zhang & Sennrich 2019), as ``LlamaRMSNorm``: ``x / rms(x) * weight``.
+
+    LayerNorm centres and rescales; the paper's finding is that the rescaling is what stabilises
+    training, so RMSNorm drops the mean and the bias (one reduction and one vector fewer). The
+    statistics are float32 (a bf16 mean of squares over thousands of features loses precision),
+    and the cast back happens *before* the multiplication by ``weight``, as in ``LlamaRMSNorm``:
+    that is what makes a converted LLaMA match transformers bit for bit in half precision too.
+
+    Args:
+        hidden_size: size of the normalized (last) dimension.
+        eps: added to the mean square before the square root; LLaMA uses 1e-6 (LLaMA-1) or 1e-5.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        mean_square = x.pow(2).mean(-1, keepdim=True)  # (..., 1)
+        x = x * torch.rsqrt(mean_square + self.eps)
+        return self.weight * x.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}"
+
+
+# Copied from hf_models.modeling_modern.SwiGLU
+class SwiGLU(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))``, LLaMA's feed-forward block (Shazeer 2020).
+
+    A gated linear unit: one projection, through SiLU, decides feature by feature how much of the
+    other gets through. At equal parameters it reaches lower loss than a plain MLP, so LLaMA,
+    Mistral, Qwen and Gemma all use a GLU variant; with three matrices instead of two, the width
+    shrinks to about ``8/3 * hidden_size`` to keep a 4x MLP's parameter count.
+
+    Args:
+        hidden_size: model width ``C``.
+        intermediate_size: inner width (LLaMA-7B: 11008 for C = 4096).
+        bias: biases on the three projections (LLaMA: no).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # (B, T, C) -> two (B, T, I) branches, gated elementwise -> (B, T, C)
+        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+# Copied from hf_models.modeling_modern.RotaryEmbedding
+class RotaryEmbedding(nn.Module):
+    """The rotate-half ``cos``/``sin`` tables of rotary position embeddings (RoPE, Su et al. 2021), as ``LlamaRotaryEmbedding``.
+
+    Attention alone is blind to order. RoPE rotates each query and key by its position: a head's
+    ``D`` features form ``D/2`` pairs, and pair ``i`` at position ``m`` turns by ``m * theta_i``, with
+    ``theta_i = base ** (-2i / D)``. Since ``<R(m) q, R(n) k> = <q, R(n - m) k>``, the score between two
+    tokens depends on their distance only, with no parameters and no table to outgrow.
+
+    Which features pair up is a convention: transformers pairs ``(x_i, x_{i + D/2})`` ("rotate
+    half"), Meta's original LLaMA code pairs neighbours (``hf_models.conversion.rotary_layout`` holds
+    that reference and the row permutation between the two). Mixing them up does not crash: the
+    model runs and even writes grammar, with far worse perplexity, which is why the tests compare
+    logits. One table per forward serves every layer.
+
+    Args:
+        head_dim: per-head feature size ``D`` (even).
+        base: ``theta``, the frequency ladder's base (``rope_theta`` in transformers configs).
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2 != 0:
+            raise ValueError(f"RotaryEmbedding head_dim must be even, got {head_dim}.")
+        self.head_dim = head_dim
+        self.base = base
+        # Not saved (recomputed from the config): the model's _init_weights refills it after a meta-device build.
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        """``theta_i = base ** (-2i / D)`` for ``i = 0 .. D/2 - 1``, float32, shape (D/2,)."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.base**exponents)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each (B, T, D), for integer ``position_ids`` of shape (B, T)."""
+        # Angles in float32: position * theta loses whole radians in bf16 beyond a few hundred tokens.
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, 1) * (D/2,) -> (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D): rotate-half layout
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, base={self.base}"
+
+
+# Copied from hf_models.modeling_modern.rotate_half
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``(x1, x2) -> (-x2, x1)`` on the two halves of the last dimension: a 90-degree turn of each pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+# Copied from hf_models.modeling_modern.apply_rotary
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate queries (B, H, T, D) and keys (B, H_kv, T, D) by ``cos``/``sin`` of shape (B, T, D)."""
+    cos = cos.unsqueeze(1)  # (B, T, D) -> (B, 1, T, D), broadcast over heads
+    sin = sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# Copied from hf_models.modeling_modern.repeat_kv
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Repeat each K/V head ``n_rep`` times: (B, H_kv, S, D) -> (B, H_kv * n_rep, S, D), so GQA's math is plain MHA."""
+    if n_rep == 1:
+        return hidden_states
+    batch, num_kv_heads, seq_len, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, num_kv_heads, n_rep, seq_len, head_dim)
+    return hidden_states.reshape(batch, num_kv_heads * n_rep, seq_len, head_dim)
+
+
+# Copied from hf_models.modeling_gpt.bottom_right_causal_mask
+def bottom_right_causal_mask(query_length: int, key_length: int, device: torch.device) -> torch.Tensor:
+    """(T, S) boolean causal mask for the last T of S positions: query i sees keys <= S - T + i."""
+    return torch.ones(query_length, key_length, dtype=torch.bool, device=device).tril(key_length - query_length)
+
+
+# Copied from hf_models.modeling_modern.eager_attention
+def eager_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0
+) -> torch.Tensor:
+    """Lesson 4's reference attention with grouped K/V heads. q: (B, H, T, D), k/v: (B, H_kv, S, D) -> (B, H, T, D).
+
+    Multi-head (``H_kv = H``), grouped-query (``H_kv`` groups) and multi-query (``H_kv = 1``) are
+    one code path: each K/V head is repeated for the ``H / H_kv`` query heads that share it.
+    """
+    query_length, key_length = query.shape[-2], key.shape[-2]
+    n_rep = query.shape[1] // key.shape[1]
+    key = repeat_kv(key, n_rep)  # (B, H_kv, S, D) -> (B, H, S, D)
+    value = repeat_kv(value, n_rep)
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling  # (B, H, T, D) @ (B, H, D, S) -> (B, H, T, S)
+    if attention_mask is None and query_length > 1:
+        attention_mask = bottom_right_causal_mask(query_length, key_length, query.device)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            # The dtype's minimum rather than -inf: a fully-masked row becomes uniform, not NaN.
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if dropout > 0.0:
+        weights = F.dropout(weights, p=dropout, training=True)
+    return torch.matmul(weights, value)  # (B, H, T, S) @ (B, H, S, D) -> (B, H, T, D)
+
+
+# Copied from hf_models.modeling_modern.sdpa_attention
+def sdpa_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0
+) -> torch.Tensor:
+    """Fused attention via ``F.scaled_dot_product_attention``; SDPA shares each K/V head inside the kernel
+    (``enable_gqa``) without materialising the copies. Same contract as :func:`eager_attention`."""
+    query_length, key_length = query.shape[-2], key.shape[-2]
+    is_causal = False
+    if attention_mask is None and query_length > 1:
+        # SDPA's `is_causal` aligns the mask top-left, which is only right when T == S.
+        if query_length == key_length:
+            is_causal = True
+        else:
+            attention_mask = bottom_right_causal_mask(query_length, key_length, query.device)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+
+
+# Copied from hf_models.modeling_modern.ATTENTION_FUNCTIONS
+ATTENTION_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+# Copied from hf_models.modeling_gpt.attention_function
+def attention_function(name: str | None) -> Callable[..., torch.Tensor]:
+    """The attention math named by ``config._attn_implementation`` (``None``: SDPA), or a clear error."""
+    name = name or "sdpa"
+    if name not in ATTENTION_FUNCTIONS:
+        raise ValueError(f"attn_implementation must be one of {sorted(ATTENTION_FUNCTIONS)}, got {name!r}.")
+    return ATTENTION_FUNCTIONS[name]
+
+
+# Copied from hf_models.modeling_gpt.mask_lengths
+def mask_lengths(past_key_values: Cache | None, query_length: int) -> tuple[int, int]:
+    """``(past_length, key_length)`` for a forward of ``query_length`` new tokens, before the cache update.
+
+    ``key_length`` is what the cache's ``update`` will return along the sequence axis: ``past + T``
+    for lesson 6's caches (which return the filled prefix), ``max_cache_len`` for transformers'
+    ``StaticCache`` (which returns its whole buffer).
+    """
+    if past_key_values is None:
+        return 0, query_length
+    past_length = int(past_key_values.get_seq_length())
+    key_length, _ = past_key_values.get_mask_sizes(query_length, 0)
+    return past_length, int(key_length)
+
+
+# Copied from hf_models.modeling_gpt.build_causal_mask
+def build_causal_mask(
+    attention_mask: torch.Tensor | None,
+    query_length: int,
+    key_length: int,
+    past_length: int = 0,
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
+    """The mask every layer of one forward shares, or ``None`` when plain causal attention is right.
+
+    Built once per forward. ``None`` means "causal, nothing else to hide", which lets SDPA take its
+    fastest ``is_causal`` path. Otherwise a boolean (B or 1, 1, T, S), True = may attend, folding in:
+
+    * the cache offset: query ``i`` sits at absolute position ``past_length + i`` and sees keys up to it;
+    * static caches whose key buffer is longer than what is filled: those slots lie beyond every
+      query's position, so causality already hides them;
+    * left padding from the 2-D (B, L) mask of 1/0. A padding query would see no key at all (NaN in a
+      naive softmax), so every token may always attend to itself.
+
+    Args:
+        attention_mask: (B, L) 1 = real token, 0 = padding, covering the cached and the new tokens
+            (extra columns are ignored); a 4-D mask is returned unchanged; or ``None``.
+        query_length: ``T``, the new tokens.
+        key_length: ``S``, the keys attention will see (:func:`mask_lengths`).
+        past_length: tokens already in the cache.
+        device: where to build the mask when ``attention_mask`` is ``None``.
+    """
+    if attention_mask is not None:
+        if attention_mask.dim() == 4:
+            return attention_mask
+        if attention_mask.shape[-1] < past_length + query_length:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache holds {past_length} "
+                f"and {query_length} are new; a 2-D mask must cover past and new tokens."
+            )
+        if not mask_has_padding(attention_mask, past_length):
+            attention_mask = None  # no padding: plain causal attention, the fast path
+    if attention_mask is None and key_length == past_length + query_length and (past_length == 0 or query_length == 1):
+        return None
+    if attention_mask is not None:
+        device = attention_mask.device
+    query_positions = torch.arange(past_length, past_length + query_length, device=device)  # (T,)
+    key_positions = torch.arange(key_length, device=device)  # (S,)
+    causal = key_positions <= query_positions[:, None]  # (T, S)
+    if attention_mask is None:
+        return causal[None, None]  # (T, S) -> (1, 1, T, S)
+    padding = attention_mask[:, :key_length].bool()  # (B, L) -> (B, min(L, S))
+    if padding.shape[-1] < key_length:
+        # Slots past the filled length of a static buffer: hidden by causality whatever we put here.
+        padding = F.pad(padding, (0, key_length - padding.shape[-1]), value=False)
+    mask = causal & padding[:, None, :]  # (T, S) & (B, 1, S) -> (B, T, S)
+    mask |= key_positions == query_positions[:, None]  # every token sees itself: no empty rows
+    return mask[:, None]  # (B, T, S) -> (B, 1, T, S)
+
+
+# Copied from hf_models.modeling_gpt.position_ids_for
+def position_ids_for(attention_mask: torch.Tensor | None, past_length: int, query_length: int, device: torch.device) -> torch.Tensor:
+    """Absolute positions of the new tokens: (1, T) without padding; (B, T) counted from each row's
+    first real token with left padding, so a padded prompt gets the positions it would get alone."""
+    if attention_mask is not None and attention_mask.dim() == 2 and mask_has_padding(attention_mask, past_length):
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]  # (B, T)
+    return torch.arange(past_length, past_length + query_length, device=device)[None]  # (1, T)
+
+
+# Copied from hf_models.modeling_modern.ModernAttention with ModernDecoder->MoEDecoder, ModernAttention->MoEAttention
+class MoEAttention(nn.Module):
+    """Grouped-query causal self-attention with rotary positions: LLaMA's ``q_proj``/``k_proj``/``v_proj``/``o_proj``.
+
+    K and V are projected to ``H_kv`` heads only; each is shared by ``H / H_kv`` query heads. During
+    generation every new token reads the whole KV cache from memory, so the cache's size (``2 *
+    layers * H_kv * D`` numbers per token) is decoding's bottleneck, and GQA divides it by ``H / H_kv``.
+    Positions enter here, as a rotation of q and k (not of v) before the cache stores k.
+
+    Args:
+        config: the model's :class:`MoEDecoderConfig`.
+        layer_idx: this layer's slot in the KV cache.
+    """
+
+    def __init__(self, config: MoEDecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.layer_idx = layer_idx
+        self.attention_dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values: Cache | None,
+        attn_implementation: str | None,
+    ) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C). ``position_embeddings`` is ``(cos, sin)`` from :class:`RotaryEmbedding`."""
+        batch_size, query_length, _ = hidden_states.shape
+        head_shape = (batch_size, query_length, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)  # (B, T, H*D) -> (B, T, H, D) -> (B, H, T, D)
+        key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)  # (B, T, H_kv*D) -> (B, H_kv, T, D)
+        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)  # -> (B, H_kv, S, D)
+        dropout = self.attention_dropout if self.training else 0.0
+        output = attention_function(attn_implementation)(query, key, value, attention_mask, self.scaling, dropout)
+        output = output.transpose(1, 2).reshape(batch_size, query_length, -1)  # (B, H, T, D) -> (B, T, H*D)
+        return self.o_proj(output)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, layer_idx={self.layer_idx}"
+
+
+class TopKRouter(nn.Module):
+    """Scores the experts for each token and keeps the ``k`` best, with weights renormalised to sum to 1.
+
+    The softmax runs in float32 whatever the activations' dtype: routing decisions flip on small
+    logit differences, and bf16 has 8 bits of mantissa. Renormalising over the chosen ``k`` (Mixtral)
+    keeps the output's scale independent of how confident the router is, and the router still learns
+    from the task loss through the ratio of the ``k`` weights. At ``k = 1`` that ratio is gone (the
+    weight is always 1) and the router learns from the balancing loss alone, which is why Switch
+    (``k = 1``) scales the expert's output by the raw probability instead (transformers' Qwen2-MoE
+    makes the choice a config field, ``norm_topk_prob``; this router always renormalises, as Mixtral).
+
+    Args:
+        hidden_size: model width ``C``.
+        num_experts: ``E``.
+        top_k: ``k``, experts per token, ``1 <= k <= E``.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"TopKRouter top_k must be in [1, num_experts={num_experts}], got {top_k}.")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        # (E, C): a bare parameter, not an nn.Linear, so int8/NF4 and "all-linear" LoRA leave routing alone.
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, C) -> router logits (N, E), top-k weights (N, k) in float32, top-k expert ids (N, k)."""
+        logits = F.linear(hidden_states, self.weight)  # (N, E)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights, experts
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self.top_k}"
+
+
+class SparseMoeBlock(nn.Module):
+    """A top-k routed mixture of SwiGLU experts, dropless, dispatched by sorting tokens by expert.
+
+    In place of a dense FFN: (B, T, C) -> (B, T, C), returned with the router logits (B*T, E) that the
+    model's balancing losses and the expert-load monitor (``hf_models.evaluation.expert_load``) read.
+
+    Args:
+        hidden_size: model width ``C``.
+        intermediate_size: each expert's SwiGLU width.
+        num_experts: ``E``.
+        top_k: experts per token ``k``.
+        bias: biases in the experts' projections (Mixtral: no).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, bias: bool = False) -> None:
+        super().__init__()
+        self.router = TopKRouter(hidden_size, num_experts, top_k)
+        self.experts = nn.ModuleList(SwiGLU(hidden_size, intermediate_size, bias=bias) for _ in range(num_experts))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, shape[-1])  # (B, T, C) -> (N, C)
+        logits, weights, experts = self.router(tokens)  # (N, E), (N, k), (N, k)
+        if shape[1] == 1 and not self.training:
+            combined = self.dense_decode(tokens, weights, experts)
+        else:
+            combined = self.grouped_dispatch(tokens, weights, experts)
+        return combined.reshape(shape), logits
+
+    def grouped_dispatch(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Sort the (token, expert) slots by expert, run each expert once over its contiguous run, scatter back.
+
+        ``counts.tolist()`` (to split the batch) is one host read per layer: free on a CPU, a
+        device sync on a GPU, which grouped-GEMM kernels avoid by taking the offsets on device.
+        """
+        top_k = experts.shape[-1]
+        flat_experts = experts.reshape(-1)  # (N*k,), slot s belongs to token s // k
+        order = flat_experts.argsort(stable=True)  # (N*k,)
+        token_of_slot = order // top_k  # (N*k,) the token of each sorted slot
+        counts = torch.bincount(flat_experts, minlength=self.router.num_experts)  # (E,)
+        grouped = tokens[token_of_slot]  # (N*k, C): expert 0's tokens, then expert 1's, ...
+        outputs = [self.experts[e](run) for e, run in enumerate(grouped.split(counts.tolist())) if run.shape[0]]
+        expert_out = torch.cat(outputs)  # (N*k, C), still in sorted order
+        expert_out = expert_out * weights.reshape(-1)[order, None].to(expert_out.dtype)
+        combined = torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out.to(tokens.dtype))  # (N, C)
+        return combined
+
+    def dense_decode(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """A decode step (one new token per sequence): every expert on the few tokens, weights zero off the top k.
+
+        Decoding is memory-bound: once ``B * k >= E`` every expert's weights are read anyway, so
+        computing all of them costs about the same time, and nothing is read back to the host, so
+        generation makes no device sync per token (servers such as vLLM use a fused MoE kernel
+        that takes the routing on device instead).
+        """
+        num_experts = self.router.num_experts
+        dense_weights = torch.zeros(tokens.shape[0], num_experts, device=tokens.device).scatter(1, experts, weights)  # (N, E)
+        outputs = torch.stack([expert(tokens) for expert in self.experts], dim=1)  # (N, E, C)
+        combined = (outputs * dense_weights[..., None].to(outputs.dtype)).sum(dim=1)  # (N, C)
+        return combined.to(tokens.dtype)
+
+
+def _padding_weights(attention_mask: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor | None:
+    """The (N,) float weights of each router row: 1 for real tokens, 0 for padding; None without a 2-D mask.
+
+    Router rows are the (B, T) positions of this forward, flattened; with a KV cache the mask covers
+    the cached tokens too, so its last T columns are the ones that match.
+    """
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    batch = attention_mask.shape[0]
+    return attention_mask[:, -(rows // batch):].reshape(-1).to(device=device, dtype=torch.float32)
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+    per_layer: bool = False,
+) -> torch.Tensor:
+    """Switch Transformer's balancing loss ``E * sum_e f_e * P_e`` (Fedus et al. 2021, eqs. 4-6).
+
+    ``f_e``: the fraction of top-k routing slots given to expert ``e``; ``P_e``: the mean router
+    probability of ``e``; padding (``attention_mask == 0``) excluded. Equals ``k`` for a perfectly
+    uniform router; ``k * E`` when every token goes to the same ``k`` experts.
+
+    ``per_layer=False`` is transformers' Mixtral: ``f`` and ``P`` are taken over every layer's
+    tokens at once, so expert ``e`` of layer 1 and expert ``e`` of layer 2 (different experts)
+    share one count, and layers can stay unbalanced as long as their imbalances cancel.
+    ``per_layer=True`` is the Switch Transformer's: the loss of each layer, averaged over layers.
+
+    Args:
+        router_logits: one (N, E) tensor per layer.
+        attention_mask: (B, S) with 1 for real tokens, or None.
+    """
+    if per_layer:
+        return torch.stack([load_balancing_loss((logits,), num_experts, top_k, attention_mask) for logits in router_logits]).mean()
+    device = router_logits[0].device
+    mask = _padding_weights(attention_mask, router_logits[0].shape[0], device)
+    slots = torch.zeros(num_experts, device=device)
+    prob_sum = torch.zeros(num_experts, device=device)
+    rows = torch.zeros((), device=device)
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
+        chosen = torch.topk(probs, top_k, dim=-1).indices  # (N, k)
+        weight = torch.ones(logits.shape[0], device=device) if mask is None else mask
+        slots = slots.scatter_add(0, chosen.reshape(-1), weight.repeat_interleave(top_k))
+        prob_sum = prob_sum + (probs * weight[:, None]).sum(dim=0)
+        rows = rows + weight.sum()
+    return num_experts * torch.sum((slots / rows) * (prob_sum / rows))
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of ``logsumexp(logits)^2``, averaged over layers.
+
+    Penalises large router logits, which in bf16 make the softmax round badly and training diverge.
+    Padding (``attention_mask == 0``) is excluded, as in the balancing loss.
+    """
+    device = router_logits[0].device
+    mask = _padding_weights(attention_mask, router_logits[0].shape[0], device)
+    total = torch.zeros((), device=device)
+    for logits in router_logits:
+        z = torch.logsumexp(logits.float(), dim=-1).square()  # (N,)
+        total = total + (z.mean() if mask is None else (z * mask).sum() / mask.sum())
+    return total / len(router_logits)
+
+
+# Copied from hf_models.modeling_gpt.dropout_or_identity
+def dropout_or_identity(rate: float) -> nn.Module:
+    """``nn.Dropout(rate)``, or nothing at all at rate 0: at width 128 even a no-op module costs time per step."""
+    return nn.Dropout(rate) if rate > 0 else nn.Identity()
+
+
+class MoEDecoderLayer(GradientCheckpointingLayer):
+    """Lesson 5's pre-norm block with the routed feed-forward; returns the new hidden states and this layer's router logits."""
+
+    def __init__(self, config: MoEDecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = MoEAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = SparseMoeBlock(config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok)
+        self.residual_dropout = dropout_or_identity(config.dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attn_implementation: str | None,
+        past_key_values: Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        attended = self.self_attn(
+            self.input_layernorm(hidden_states), attention_mask, position_embeddings, past_key_values, attn_implementation
+        )
+        hidden_states = hidden_states + self.residual_dropout(attended)
+        mixed, router_logits = self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + self.residual_dropout(mixed), router_logits
+
+
+class MoEDecoderPreTrainedModel(ZooPreTrainedModel):
+    """The MoE decoder's init (the router is a bare parameter the generic init does not know) and transformers flags."""
 
     config_class = MoEDecoderConfig
+    _supports_sdpa = True
+    _no_split_modules = ["MoEDecoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, TopKRouter):
+        if isinstance(module, RotaryEmbedding):
+            # A non-persistent buffer: not in the checkpoint, so from_pretrained must recompute it.
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
+        elif isinstance(module, TopKRouter):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
+    # Copied from hf_models.modeling_gpt.GPTPreTrainedModel.new_cache
+    def new_cache(self) -> Cache:
+        """The cache ``generate()`` gets when it passes none: lesson 6's, per ``config.kv_cache``."""
+        if self.config.kv_cache == "static":
+            return StaticKVCache(max_cache_len=self.config.max_position_embeddings, num_layers=self.config.num_hidden_layers)
+        return GrowingKVCache(num_layers=self.config.num_hidden_layers)
 
-class MoEDecoderModel(MoEDecoderPreTrainedModel, DecoderModel):
-    """The MoE backbone: ids -> hidden states, and with ``output_router_logits`` each layer's (B*T, E) router logits."""
+
+class MoEDecoderModel(MoEDecoderPreTrainedModel):
+    """The MoE backbone: ids (B, T) -> hidden states (B, T, C), and with ``output_router_logits`` each layer's (B*T, E) router logits."""
+
+    def __init__(self, config: MoEDecoderConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, base=config.rope_theta)
+        self.dropout = dropout_or_identity(config.dropout)
+        self.layers = nn.ModuleList(MoEDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
 
     def forward(
         self,
@@ -52,44 +670,50 @@ class MoEDecoderModel(MoEDecoderPreTrainedModel, DecoderModel):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast | tuple:
-        outputs: BaseModelOutputWithPast = super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
+        cache, past_length, seq_len = self.start_forward(input_ids, inputs_embeds, past_key_values, use_cache, output_attentions, kwargs)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        # Each block kept its router logits from the forward that just ran (see SparseMoeBlock).
-        router_logits = self.router_logits() if output_router_logits else None
+        attn_implementation = self.config._attn_implementation
+        attention_function(attn_implementation)  # an unknown name fails here, before any work
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T) -> (B, T, C)
+        device = inputs_embeds.device
+        if position_ids is None:
+            position_ids = position_ids_for(attention_mask, past_length, seq_len, device)  # (B or 1, T)
+        _, key_length = mask_lengths(cache, seq_len)
+        mask = build_causal_mask(attention_mask, seq_len, key_length, past_length, device)
+        position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)  # one (cos, sin) for every layer
+        hidden_states = self.dropout(inputs_embeds)
+        all_hidden_states = [] if output_hidden_states else None
+        all_router_logits = []
+        for layer in self.layers:
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
+            hidden_states, router_logits = layer(hidden_states, mask, position_embeddings, attn_implementation, past_key_values=cache)
+            all_router_logits.append(router_logits)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
         output = MoeModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            hidden_states=outputs.hidden_states,
-            router_logits=router_logits,
-            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+            router_logits=tuple(all_router_logits) if output_router_logits else None,
+            **{CACHE_FIELD: cache},
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def router_logits(self) -> tuple[torch.Tensor, ...] | None:
-        """Each routed layer's (B*T, E) logits from the last forward; ``None`` where no layer routes
-        (lesson 12's configurable decoder with a dense feed-forward)."""
-        return tuple(layer.mlp.router_logits for layer in self.layers if isinstance(layer.mlp, SparseMoeBlock)) or None
 
-    def tokens_per_expert(self) -> torch.Tensor:
-        """(layers, E): routing slots each expert received in the last forward (for monitoring the load)."""
-        return torch.stack([layer.mlp.tokens_per_expert for layer in self.layers])
-
-
-class MoEDecoderForCausalLM(MoEDecoderPreTrainedModel, DecoderForCausalLM):
+class MoEDecoderForCausalLM(MoEDecoderPreTrainedModel, GenerationMixin):
     """The MoE backbone (``self.model``) and an LM head tied to its token embedding; Mixtral's outputs and losses."""
 
     base_model_class = MoEDecoderModel
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoEDecoderConfig):
+        super().__init__(config)
+        self.model = self.build_backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
 
     def forward(
         self,
@@ -108,40 +732,43 @@ class MoEDecoderForCausalLM(MoEDecoderPreTrainedModel, DecoderForCausalLM):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast | tuple:
+        loss_kwargs = take_loss_kwargs(kwargs, shift_labels)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        output: MoeCausalLMOutputWithPast = super().forward(
+        outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
-            labels=labels,
-            shift_labels=shift_labels,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            return_dict=True,
-            logits_to_keep=logits_to_keep,
             output_router_logits=output_router_logits,
             **kwargs,
         )
-        if output_router_logits and output.router_logits is None:
-            # No layer routes (lesson 12's configurable decoder with a dense feed-forward): nothing is
-            # unbalanced. A zero, not None, because clients that see `output_router_logits` in the config
-            # (trl's trainers) ask for it and read `aux_loss` as a tensor.
-            output["aux_loss"] = torch.zeros((), device=output.logits.device)
-        elif output_router_logits:
+        logits = self.lm_head(keep_last_positions(outputs.last_hidden_state, logits_to_keep))  # (B, T, C) -> (B, T, V)
+        loss = self.causal_lm_loss(logits, labels, loss_kwargs)
+        aux_loss = None
+        if output_router_logits:
             c = self.config
             # As Mixtral: padding is excluded from the balancing loss, which joins `loss` only with labels.
-            output["aux_loss"] = load_balancing_loss(
-                output.router_logits, c.num_local_experts, c.num_experts_per_tok, attention_mask, c.router_aux_loss_per_layer
+            aux_loss = load_balancing_loss(
+                outputs.router_logits, c.num_local_experts, c.num_experts_per_tok, attention_mask, c.router_aux_loss_per_layer
             )
-            if output.loss is not None:
-                extra = c.router_aux_loss_coef * output.aux_loss
+            if loss is not None:
+                extra = c.router_aux_loss_coef * aux_loss
                 if c.router_z_loss_coef:
-                    extra = extra + c.router_z_loss_coef * router_z_loss(output.router_logits, attention_mask)
-                output["loss"] = output.loss + extra.to(output.loss.device)
+                    extra = extra + c.router_z_loss_coef * router_z_loss(outputs.router_logits, attention_mask)
+                loss = loss + extra.to(loss.device)
+        output = MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            router_logits=outputs.router_logits,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
         return output if return_dict is not False else output.to_tuple()
 
     def num_active_parameters(self) -> int:
@@ -151,19 +778,8 @@ class MoEDecoderForCausalLM(MoEDecoderPreTrainedModel, DecoderForCausalLM):
         (memory): Mixtral 8x7B has 47B parameters, 13B of them active.
         """
         c = self.config
-        if not isinstance(self.model.layers[0].mlp, SparseMoeBlock):
-            return self.num_parameters()  # a dense feed-forward: every parameter is active
         per_expert = sum(p.numel() for p in self.model.layers[0].mlp.experts[0].parameters())
         return self.num_parameters() - c.num_hidden_layers * (c.num_local_experts - c.num_experts_per_tok) * per_expert
 
-    def causal_lm_output(self, loss: torch.Tensor | None, logits: torch.Tensor, outputs: MoeModelOutputWithPast):
-        return MoeCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            router_logits=outputs.router_logits,
-            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
-        )
 
-
-__all__ = ["MoEDecoderForCausalLM", "MoEDecoderModel"]
+__all__ = ["MoEDecoderForCausalLM", "MoEDecoderModel", "MoEDecoderPreTrainedModel", "SparseMoeBlock", "TopKRouter", "load_balancing_loss", "router_z_loss"]

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .causal_lm import ZooForCausalLM, ZooModel, ZooPreTrainedModel
+from .causal_lm import CACHE_FIELD, RecurrentStateCache, ZooPreTrainedModel, keep_last_positions, take_loss_kwargs
 from .configuration_ngram_mlp import NGramMLPConfig
-from .recurrent_cache import RecurrentStateCache
 
 
 class NGramMLPPreTrainedModel(ZooPreTrainedModel):
@@ -54,7 +54,7 @@ class TanhLayer(GradientCheckpointingLayer):
         return torch.tanh(self.proj(features))
 
 
-class NGramMLPModel(NGramMLPPreTrainedModel, ZooModel):
+class NGramMLPModel(NGramMLPPreTrainedModel):
     """The backbone: window embeddings -> tanh layer; ids (B, T) -> hidden states (B, T, H) (or (B, T, H + F)
     with the direct connection, see the module docstring)."""
 
@@ -111,7 +111,7 @@ class NGramMLPModel(NGramMLPPreTrainedModel, ZooModel):
         return self.model_output(hidden_states, cache, all_hidden_states, return_dict)
 
 
-class NGramMLPForCausalLM(NGramMLPPreTrainedModel, ZooForCausalLM):
+class NGramMLPForCausalLM(NGramMLPPreTrainedModel, GenerationMixin):
     """The n-gram backbone (``self.model``) and the output layer ``lm_head`` (``b + U h``, plus ``W x``
     with the direct connection)."""
 
@@ -127,6 +127,42 @@ class NGramMLPForCausalLM(NGramMLPPreTrainedModel, ZooForCausalLM):
         head_inputs = config.hidden_size + (features if config.direct_connection else 0)
         self.lm_head = nn.Linear(head_inputs, config.vocab_size)
         self.post_init()
+
+    # Copied from hf_models.modeling_gpt.GPTForCausalLM.forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        loss_kwargs = take_loss_kwargs(kwargs, shift_labels)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        logits = self.lm_head(keep_last_positions(outputs.last_hidden_state, logits_to_keep))  # (B, T, C) -> (B, T, V)
+        loss = self.causal_lm_loss(logits, labels, loss_kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
+        )
+        return output if return_dict is not False else output.to_tuple()
 
 
 __all__ = ["NGramMLPForCausalLM", "NGramMLPModel", "NGramMLPPreTrainedModel"]

@@ -1,6 +1,9 @@
 # %% [markdown]
 # # Lesson 1: the bigram language model, and why gradient descent finds the counting answer.
 #
+# Explained, with its measured numbers and how it scales to frontier models:
+# [docs/lessons/01_bigram.md](../docs/lessons/01_bigram.md).
+#
 # A bigram model predicts the next character from the current one alone: it is a table of
 # ``vocab x vocab`` logits. There are two ways to fill the table:
 #
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 
 from hf_models import BigramConfig, BigramForCausalLM
 from hf_models.data import split_token_ids
-from hf_models.training import evaluate_splits, finish_lesson, parse_lesson_args, prepare_lesson_data, train_and_evaluate
+from hf_models.recipe_support import evaluate_splits, finish_lesson, parse_lesson_args, prepare_lesson_data, train_and_evaluate
 
 
 @dataclass

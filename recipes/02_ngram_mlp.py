@@ -1,6 +1,9 @@
 # %% [markdown]
 # # Lesson 2: a byte-level BPE tokenizer written by hand, and the n-gram MLP of Bengio et al. (2003).
 #
+# Explained, with its measured numbers and how it scales to frontier models:
+# [docs/lessons/02_ngram_mlp.md](../docs/lessons/02_ngram_mlp.md).
+#
 # Two ideas, both still at the bottom of every LLM:
 #
 # 1. Tokenization by byte-pair encoding (Sennrich et al. 2016, GPT-2's byte-level variant). Start
@@ -26,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hf_models import NGramMLPConfig, NGramMLPForCausalLM
-from hf_models.training import finish_lesson, parse_lesson_args, prepare_lesson_data, train_and_evaluate
+from hf_models.recipe_support import finish_lesson, parse_lesson_args, prepare_lesson_data, train_and_evaluate
 
 
 @dataclass

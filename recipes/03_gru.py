@@ -1,13 +1,16 @@
 # %% [markdown]
 # # Lesson 3: a GRU language model: a state that carries the whole past.
 #
+# Explained, with its measured numbers and how it scales to frontier models:
+# [docs/lessons/03_gru.md](../docs/lessons/03_gru.md).
+#
 # The n-gram MLP of lesson 2 forgets everything older than its window. A recurrent network reads the
 # text one token at a time and folds everything it has read into a state vector ``h``; a GRU (Cho et
 # al. 2014) uses two learned gates to decide, at every step, how much of ``h`` to keep and how much
 # to overwrite. Its context is unbounded in principle, and each new token costs one step, whatever
 # the length of the past: generation carries the state forward instead of re-reading the prefix.
 #
-# The GRU cells are written by hand from ``nn.Linear`` layers (``hf_models/gru.py``), in
+# The GRU cells are written by hand from ``nn.Linear`` layers (``hf_models/modeling_gru.py``), in
 # ``torch.nn.GRU``'s weight layout, so ``--gru_implementation`` switches the same weights between the
 # readable loop (``eager``, which ``peft`` can adapt) and the fused ``torch.gru`` kernel (``torch``).
 # The tests prove the two equal ``torch.nn.GRU`` to 1e-5.
@@ -23,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hf_models import GRULMConfig, GRULMForCausalLM
-from hf_models.training import finish_lesson, parse_lesson_args, prepare_lesson_data, train_and_evaluate
+from hf_models.recipe_support import finish_lesson, parse_lesson_args, prepare_lesson_data, train_and_evaluate
 
 
 @dataclass

@@ -1,12 +1,15 @@
 # %% [markdown]
 # # Lesson 4: the GPT decoder. Attention lets every position look at every earlier one.
 #
+# Explained, with its measured numbers and how it scales to frontier models:
+# [docs/lessons/04_gpt.md](../docs/lessons/04_gpt.md).
+#
 # The GRU of lesson 3 carries the past in one vector, updated one step at a time, so training is a
 # sequential loop and old information fades. A transformer decoder (Vaswani et al. 2017; GPT-2,
 # Radford et al. 2019) keeps every position: each one computes a query, a key and a value, attends
 # to the values of all earlier positions weighted by query-key similarity, and all positions are
 # computed in parallel under a causal mask. The model stacks that with an MLP, LayerNorm and
-# residual connections (``hf_models/decoder.py`` with GPT-2's blocks).
+# residual connections (``hf_models/modeling_gpt.py``, the whole model in one file).
 #
 # The zoo's GPT is proven equal to ``transformers.GPT2LMHeadModel`` (tests/test_conversion.py), and
 # this recipe also exports what it trained as a plain GPT-2 folder that any GPT-2 server can load.
@@ -31,7 +34,7 @@ from pathlib import Path
 
 from hf_models import GPTConfig, GPTForCausalLM
 from hf_models.conversion import export_for_serving
-from hf_models.training import (
+from hf_models.recipe_support import (
     DECODER_TRAINING_DEFAULTS,
     DecoderArguments,
     finish_lesson,

@@ -1,7 +1,10 @@
 # %% [markdown]
 # # Lesson 5: the modern decoder. What changed between GPT-2 (2019) and LLaMA (2023).
 #
-# Same skeleton as lesson 4 (``hf_models/decoder.py``), four blocks swapped:
+# Explained, with its measured numbers and how it scales to frontier models:
+# [docs/lessons/05_modern_gpt.md](../docs/lessons/05_modern_gpt.md).
+#
+# Same skeleton as lesson 4 (``hf_models/modeling_modern.py``, whole in one file), four blocks swapped:
 #
 # * RMSNorm instead of LayerNorm: rescale by the root mean square, no mean, no bias.
 # * SwiGLU instead of the GELU MLP: ``down(silu(gate(x)) * up(x))``, a gate learned per feature.
@@ -30,7 +33,7 @@ from pathlib import Path
 
 from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
 from hf_models.conversion import export_for_serving
-from hf_models.training import (
+from hf_models.recipe_support import (
     DECODER_TRAINING_DEFAULTS,
     DecoderArguments,
     finish_lesson,

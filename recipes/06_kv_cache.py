@@ -1,6 +1,9 @@
 # %% [markdown]
 # # Lesson 6: the KV cache. Why generation needs one, what it costs, and how to store it.
 #
+# Explained, with its measured numbers and how it scales to frontier models:
+# [docs/lessons/06_kv_cache.md](../docs/lessons/06_kv_cache.md).
+#
 # Why a KV cache
 # --------------
 # A decoder generates one token per forward pass. Without a cache, step ``n`` re-runs the whole
@@ -59,7 +62,6 @@
 # %%
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,21 +71,15 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.ticker import FuncFormatter
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, HfArgumentParser, StaticCache
+from transformers import HfArgumentParser
 
-from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
 from hf_models.benchmarking import describe_machine, quartiles, time_interleaved, use_passive_omp_wait
-from hf_models.causal_lm import CACHE_FIELD
+# The five ways to generate (no cache, GrowingKVCache and StaticKVCache from hf_models/kv_cache.py,
+# transformers' DynamicCache and StaticCache), lesson 5's model, its prompts and the memory formula
+# above: the harness this lesson shares with benchmarks/kv_cache.py.
+from hf_models.benchmarking.generation import CACHES, HAND_WRITTEN, greedy, kv_cache_memory, lesson_model, prompts
 from hf_models.files import write_json_atomically
-from hf_models.kv_cache import GrowingKVCache, StaticKVCache
-from hf_models.training import recipe_argv, show
-
-PROMPT_TEXT = (
-    "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
-    "Arise, fair sun, and kill the envious moon,\nWho is already sick and pale with grief.\n"
-)
-# Lesson 5's default model (recipes/05_modern_gpt.py), used with random weights when no trained folder exists.
-LESSON5_SIZE = dict(vocab_size=2048, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, hidden_size=192)
+from hf_models.recipe_support import recipe_argv, show
 
 
 @dataclass
@@ -102,85 +98,7 @@ class KVCacheArguments:
     seed: int = field(default=0, metadata={"help": "Seed for random weights and prompts."})
 
 
-# ----------------------------------------------------------------------------- the five ways to generate
-
-# name -> make_cache(model, max_cache_len): the `past_key_values` generate() gets, a fresh one per
-# call. `None` means no cache at all (use_cache=False): every step re-reads the whole sequence.
-CACHES: dict[str, Callable | None] = {
-    "no cache": None,
-    "GrowingKVCache": lambda model, max_len: GrowingKVCache(num_layers=model.config.num_hidden_layers),  # generate()'s default
-    "StaticKVCache": lambda model, max_len: StaticKVCache(max_cache_len=max_len, num_layers=model.config.num_hidden_layers),
-    "DynamicCache": lambda model, max_len: DynamicCache(config=model.config),
-    "StaticCache": lambda model, max_len: StaticCache(config=model.config, max_cache_len=max_len),
-}
-HAND_WRITTEN = ("GrowingKVCache", "StaticKVCache")
-
-
-def cache_kwargs(model, make_cache: Callable | None, max_cache_len: int) -> dict:
-    """generate() arguments for one variant: a fresh cache, or no cache at all."""
-    return dict(use_cache=False) if make_cache is None else {CACHE_FIELD: make_cache(model, max_cache_len)}
-
-
-def greedy(model, prompt: torch.LongTensor, total_tokens: int, make_cache: Callable | None) -> torch.LongTensor:
-    """Greedy generation from ``prompt`` (B, P) to exactly (B, total_tokens) with one variant."""
-    ids = model.generate(prompt, max_new_tokens=total_tokens - prompt.shape[1], do_sample=False,
-                         **cache_kwargs(model, make_cache, total_tokens))
-    if ids.shape[1] != total_tokens:
-        raise RuntimeError(f"generation stopped at {ids.shape[1]} tokens, expected {total_tokens} (an EOS?)")
-    return ids
-
-
-# ----------------------------------------------------------------------------- the model and its prompts
-
-
-def lesson_model(model_folder: str, max_length: int, seed: int):
-    """``(description, model, tokenizer or None)``: lesson 5's trained model with its context raised
-    to ``max_length``, else a random model of its default size."""
-    folder = Path(model_folder)
-    if (folder / "config.json").exists():
-        # Rotary positions are computed, not looked up, so the model accepts a longer context as is
-        # (its text past the context it was trained on is another matter; speed is what we measure).
-        model = AutoModelForCausalLM.from_pretrained(folder, max_position_embeddings=max_length)
-        tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
-        description = f"lesson 5's trained model ({folder})"
-    else:
-        print(f"{folder} does not exist (run recipes/05_modern_gpt.py to train it): using a randomly initialised "
-              f"model of lesson 5's default size instead.")
-        torch.manual_seed(seed)
-        model = ModernDecoderForCausalLM(ModernDecoderConfig(max_position_embeddings=max_length, **LESSON5_SIZE))
-        tokenizer, description = None, "lesson 5's size, random weights"
-    model.eval()
-    # Generate exactly to total_tokens. (And no pad_token_id: generate() would mask every prompt
-    # token that happens to equal it as padding.)
-    model.generation_config.eos_token_id = model.generation_config.pad_token_id = None
-    return description, model, tokenizer
-
-
-def prompts(tokenizer, vocab_size: int, batch_size: int, length: int, seed: int) -> torch.LongTensor:
-    """(B, P) prompts: windows of a Shakespeare passage if there is a tokenizer, random ids otherwise."""
-    if tokenizer is None:
-        return torch.randint(0, vocab_size, (batch_size, length), generator=torch.Generator().manual_seed(seed))
-    ids = tokenizer(PROMPT_TEXT)["input_ids"]
-    ids = (ids * (1 + (length + batch_size) // len(ids)))[: length + batch_size]  # repeat if the passage is short
-    return torch.tensor([ids[row : row + length] for row in range(batch_size)])  # row b starts b tokens in
-
-
-def kv_cache_bytes(config, tokens: int, kv_heads: int | None = None, bytes_per_number: int = 4) -> int:
-    """2 x layers x kv_heads x head_dim x tokens x bytes, for one sequence."""
-    kv_heads = config.num_key_value_heads if kv_heads is None else kv_heads
-    return 2 * config.num_hidden_layers * kv_heads * config.head_dim * tokens * bytes_per_number
-
-
-def kv_cache_memory(config, tokens: int) -> dict[str, int]:
-    """fp32 cache bytes per token and per ``tokens``-token sequence, and what they would be without GQA."""
-    return dict(
-        bytes_per_token=kv_cache_bytes(config, 1),
-        bytes_per_sequence=kv_cache_bytes(config, tokens),
-        bytes_per_sequence_without_gqa=kv_cache_bytes(config, tokens, kv_heads=config.num_attention_heads),
-    )
-
-
-# ----------------------------------------------------------------------------- the lesson
+# ----------------------------------------------------------------------------- the plot
 
 
 def plot(tokens_per_second: dict[str, list[float]], title: str, path: Path) -> None:

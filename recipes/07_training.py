@@ -1,6 +1,9 @@
 # %% [markdown]
 # # Lesson 7: training engineering. The loop ``Trainer`` runs for us, written out, and what each trick buys.
 #
+# Explained, with its measured numbers and how it scales to frontier models:
+# [docs/lessons/07_training.md](../docs/lessons/07_training.md).
+#
 # Lessons 1-6 trained with ``Trainer``. This lesson opens it: ``hf_models/training/loop.py`` is the
 # same loop written by hand on Accelerate (warm-up and cosine decay, gradient accumulation with the
 # loss normalised over the whole batch's tokens, mixed precision, gradient clipping, evaluation,
@@ -29,7 +32,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,19 +44,20 @@ from transformers import TrainingArguments, default_data_collator, set_seed
 
 from hf_models import GPTConfig, GPTForCausalLM
 from hf_models.benchmarking import describe_machine
+from hf_models.benchmarking.memory import activation_bytes
 from hf_models.data import RandomWindows, split_token_ids
-from hf_models.training import (
+from hf_models.recipe_support import (
     DECODER_TRAINING_DEFAULTS,
     DecoderArguments,
     build_trainer,
     evaluate_splits,
     finish_lesson,
+    global_batch_size,
     parse_lesson_args,
     prepare_lesson_data,
+    show,
 )
 from hf_models.training.loop import TrainingLoop
-from hf_models.training.memory import activation_bytes
-from hf_models.training.notebook import show
 
 GRU_TEST_BITS_PER_BYTE = 2.178  # lesson 3's result in the README's lesson table: the bar to beat
 CURVE_TOLERANCE = 1e-4  # hand loop vs Trainer, per logged step (nats)
@@ -156,7 +159,7 @@ def settings(name: str, **changes) -> TrainingArguments:
                 train_sampling_strategy="sequential", logging_first_step=False)
     return dataclasses.replace(training_args, **{**base, **changes})
 
-global_batch = training_args.per_device_train_batch_size * training_args.world_size
+global_batch = global_batch_size(training_args)  # sequences per optimizer step, over every process
 results: dict = {"machine": machine}
 
 # %% [markdown]
@@ -165,7 +168,7 @@ results: dict = {"machine": machine}
 # %%
 if not args.skip_comparison:
     compare = settings("compare", max_steps=args.compare_steps, logging_steps=10, warmup_steps=10, bf16=False)
-    dataset = windows(args.compare_steps, global_batch)
+    dataset = windows(args.compare_steps, global_batch_size(compare))
     hand = TrainingLoop(new_gpt(), dataset, dataclasses.replace(compare, output_dir=str(output_dir / "compare-hand")), shuffle=False).train()
     trainer_args = dataclasses.replace(compare, output_dir=str(output_dir / "compare-trainer"))
     trainer, throughput = build_trainer(new_gpt(), data.tokenizer, dataset, data.eval_dataset, trainer_args, data.byte_lengths)
@@ -203,7 +206,7 @@ if not args.skip_tricks:
         first = windows(1, training_args.per_device_train_batch_size)
         batch = default_data_collator([first[i] for i in range(len(first))])
         memory = activation_bytes(model, batch, bf16=run.bf16, checkpointing=getattr(run, CHECKPOINTING))
-        loop = TrainingLoop(model, windows(run.max_steps, global_batch * run.gradient_accumulation_steps), run, shuffle=False)
+        loop = TrainingLoop(model, windows(run.max_steps, global_batch_size(run)), run, shuffle=False)
         outcome = loop.train()
         validation = evaluate_splits(model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size,
                                      data_args.max_eval_tokens, ("validation",))["validation"]
@@ -235,7 +238,7 @@ results.update(
         "parameters": f"{model.num_parameters():,}",
         "loop": "hf_models.training.loop.TrainingLoop (the hand-written loop of lesson 7)",
         "steps": outcome.steps,
-        "batch": f"{global_batch * training_args.gradient_accumulation_steps} x {data_args.block_size} tokens",
+        "batch": f"{global_batch} x {data_args.block_size} tokens",
         "optimizer": f"AdamW (betas {training_args.adam_beta1}, {training_args.adam_beta2}), lr {training_args.learning_rate}, "
         f"warm-up {training_args.warmup_steps} steps, cosine to {training_args.lr_scheduler_kwargs}, weight decay "
         f"{training_args.weight_decay}, clip {training_args.max_grad_norm}",

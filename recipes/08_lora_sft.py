@@ -1,6 +1,9 @@
 # %% [markdown]
 # # Lesson 8: supervised fine-tuning with LoRA, written by hand on lesson 7's loop, next to trl + peft.
 #
+# Explained, with its measured numbers and how it scales to frontier models:
+# [docs/lessons/08_lora_sft.md](../docs/lessons/08_lora_sft.md).
+#
 # Lesson 5's model writes Shakespeare-shaped text; it has never been asked a question. Here it
 # learns a task from instructions: given a play, the previous line and the next speaker, answer
 # with that speaker's line, and stop (``hf_models/data/instructions.py``). Instead of updating its
@@ -35,16 +38,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from hf_models.adapters import LoRAConfig, apply_lora, lora_to_peft, merge_lora, save_lora, trainable_parameters
-from hf_models.benchmarking import describe_machine, use_passive_omp_wait
+from hf_models.benchmarking import ThroughputCallback, describe_machine, use_passive_omp_wait
 from hf_models.data import add_chat_template, load_instruction_data, score_next_lines
 from hf_models.evaluation import evaluate_splits, generate_answers, response_loss, tokenize_conversation
+from hf_models.recipe_support import finish_lesson, find_model_folder, global_batch_size, load_lesson_corpus, parse_lesson_args
 from hf_models.tokenization import token_byte_lengths
-from hf_models.training import ThroughputCallback, finish_lesson, find_model_folder, load_lesson_corpus, parse_lesson_args
 from hf_models.training.loop import TrainingLoop
 
 BASE_RECIPE = "recipes/05_modern_gpt.py"
@@ -85,7 +88,7 @@ tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
 data = load_instruction_data(args.instruction_data)  # refuses a dataset without messages / prompt+completion, by name
 if "messages" not in data["train"].column_names:
     raise ValueError("lesson 8's recipe trains on conversational rows (a 'messages' column); this dataset has prompt/completion.")
-steps, batch = training_args.max_steps, training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+steps, batch = training_args.max_steps, global_batch_size(training_args)  # conversations per step, over every process
 train = data["train"].shuffle(seed=training_args.seed).select(range(min(len(data["train"]), steps * batch)))
 test = data["test"].shuffle(seed=training_args.seed).select(range(min(len(data["test"]), args.eval_rows)))
 tokenize = dict(fn_kwargs={"tokenizer": tokenizer, "max_length": args.max_length})

@@ -1,6 +1,9 @@
 # %% [markdown]
 # # Lesson 9: INT8 quantization by hand, next to bitsandbytes and llama.cpp, on lesson 5's model.
 #
+# Explained, with its measured numbers and how it scales to frontier models:
+# [docs/lessons/09_quantization.md](../docs/lessons/09_quantization.md).
+#
 # What the lesson shows
 # ---------------------
 # 1. Seven ways to hold the same trained model: fp32, bf16, the hand-written int8 of
@@ -43,7 +46,7 @@ from hf_models.evaluation import evaluate_token_stream
 from hf_models.files import save_folder_atomically, write_json_atomically
 from hf_models.int8 import DEFAULT_THRESHOLD, Int8Linear, absmax_quantize, llm_int8_matmul, outlier_columns, w8a8_matmul
 from hf_models.tokenization import token_byte_lengths
-from hf_models.training import DataArguments, build_model_card, load_lesson_corpus, recipe_argv
+from hf_models.recipe_support import DataArguments, build_model_card, load_lesson_corpus, recipe_argv
 
 
 @dataclass

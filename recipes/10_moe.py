@@ -1,8 +1,11 @@
 # %% [markdown]
 # # Lesson 10: mixture of experts. More parameters at the same compute per token.
 #
+# Explained, with its measured numbers and how it scales to frontier models:
+# [docs/lessons/10_moe.md](../docs/lessons/10_moe.md).
+#
 # Lesson 5's decoder with its feed-forward replaced by ``E`` SwiGLU experts and a router that sends
-# each token to ``k`` of them (``hf_models/moe.py``; Mixtral's architecture, proven equal to
+# each token to ``k`` of them (``hf_models/modeling_moe.py``; Mixtral's architecture, proven equal to
 # transformers' ``MixtralForCausalLM`` in tests/test_moe.py). Three trainings on the same data, in
 # the same order, at the same token budget and optimizer (lesson 7's tuned defaults: bf16 autocast,
 # warm-up then cosine):
@@ -20,7 +23,7 @@
 # logits small and its bf16 softmax stable.
 #
 # Reported side by side: held-out bits per byte, training tokens/s, total and active parameters,
-# and the expert load over training (``hf_models.training.expert_load``), plotted for both MoE runs
+# and the expert load over training (``hf_models.evaluation.expert_load``), plotted for both MoE runs
 # (``expert_load.png``). Then the trained MoE, its conversion to ``MixtralForCausalLM`` and the
 # trained dense model are timed on the same training step (forward + backward + AdamW) by
 # ``hf_models.benchmarking.time_interleaved``: tokens/s ratios measured in one run. The MoE trained
@@ -47,17 +50,18 @@ from transformers import TrainingArguments, set_seed
 from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM, MoEDecoderConfig, MoEDecoderForCausalLM
 from hf_models.benchmarking import describe_machine, time_interleaved, use_passive_omp_wait
 from hf_models.conversion import moe_to_mixtral
-from hf_models.training import (
+from hf_models.evaluation.expert_load import ExpertLoadCallback, imbalance
+from hf_models.recipe_support import (
     DECODER_TRAINING_DEFAULTS,
     DecoderArguments,
     build_trainer,
     evaluate_splits,
     finish_lesson,
+    global_batch_size,
     parse_lesson_args,
     prepare_lesson_data,
+    show,
 )
-from hf_models.training.expert_load import ExpertLoadCallback, imbalance
-from hf_models.training.notebook import show
 
 
 @dataclass
@@ -260,7 +264,7 @@ results = {
     "runs": runs,
     "training_step_timing": timings,
     "moe_beats_dense": moe["validation"]["bits_per_byte"] < dense["validation"]["bits_per_byte"],
-    "token_budget": training_args.max_steps * training_args.per_device_train_batch_size * training_args.world_size * data_args.block_size,
+    "token_budget": training_args.max_steps * global_batch_size(training_args) * data_args.block_size,
     "machine": describe_machine().to_dict(),
 }
 print_table(runs, timings)
@@ -280,7 +284,7 @@ finish_lesson(
         training={
             "parameters": f"{moe['parameters']:,} ({moe['active_parameters']:,} active per token)",
             "steps": training_args.max_steps,
-            "batch": f"{training_args.per_device_train_batch_size * training_args.world_size} x {data_args.block_size} tokens",
+            "batch": f"{global_batch_size(training_args)} x {data_args.block_size} tokens",
             "precision": "bf16 autocast" if training_args.bf16 else "fp32",
             "balancing loss": f"router_aux_loss_coef {args.router_aux_loss_coef} "
             f"({'per layer' if args.router_aux_loss_per_layer else 'all layers counted together'}), "

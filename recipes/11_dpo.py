@@ -1,6 +1,9 @@
 # %% [markdown]
 # # Lesson 11: Direct Preference Optimization, written by hand on lesson 7's loop, next to trl's ``DPOTrainer``.
 #
+# Explained, with its measured numbers and how it scales to frontier models:
+# [docs/lessons/11_dpo.md](../docs/lessons/11_dpo.md).
+#
 # Lesson 8's SFT model learned to answer a speaker's line with a next line. Preference data says
 # which of two answers is better: the true next line (chosen) or a line from another play (rejected).
 # DPO (Rafailov et al. 2023, ``hf_models/alignment/dpo.py``) turns those pairs into a classification
@@ -41,11 +44,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments,
 from trl import DPOConfig, DPOTrainer
 
 from hf_models.alignment import DPOTrainingLoop, check_dpo_settings, evaluate_preferences, pair_token_count, tokenize_preference_pair
-from hf_models.benchmarking import describe_machine, time_interleaved, use_passive_omp_wait
+from hf_models.benchmarking import ThroughputCallback, describe_machine, time_interleaved, use_passive_omp_wait
 from hf_models.data import add_chat_template, load_corpus, load_preference_data
 from hf_models.evaluation import evaluate_splits
+from hf_models.recipe_support import find_model_folder, finish_lesson, global_batch_size, parse_lesson_args, show
 from hf_models.tokenization import token_byte_lengths
-from hf_models.training import ThroughputCallback, find_model_folder, finish_lesson, parse_lesson_args, show
 
 SFT_RECIPE = "recipes/08_lora_sft.py"
 CURVES = ("rewards/accuracies", "rewards/margins")
@@ -116,7 +119,7 @@ if tokenizer.chat_template is None:
     add_chat_template(tokenizer)  # a pretrained-only model (e.g. lesson 5's) gets the zoo's template
 tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
 pairs = load_preference_data(args.preference_data)  # refuses a dataset without prompt / chosen / rejected, by name
-global_batch = training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+global_batch = global_batch_size(training_args)
 n_train = min(len(pairs["train"]), args.max_train_pairs or training_args.max_steps * global_batch)
 held_out = "test" if "test" in pairs else "validation"
 raw = {"train": pairs["train"].shuffle(seed=training_args.seed).select(range(n_train)),

@@ -1,6 +1,9 @@
 # %% [markdown]
 # # Lesson 12: controlled experiments on the configurable decoder
 #
+# Explained, with its measured numbers and how it scales to frontier models:
+# [docs/lessons/12_ablations.md](../docs/lessons/12_ablations.md).
+#
 # Lessons 4 and 5 compared GPT-2's blocks with LLaMA's and found LLaMA's better by 0.12 bits per byte.
 # But lesson 5 changed five things at once (RoPE, RMSNorm, SwiGLU, grouped-query attention, no
 # biases), and one run per model cannot tell a real gain from the luck of one initialisation. This
@@ -44,7 +47,7 @@ from hf_models.data import split_token_ids
 from hf_models.experiments import CellData, load_grid, plot_curves, run_cell, summarise, write_tables
 from hf_models.experiments.ablation import check_cell_args
 from hf_models.files import write_json_atomically
-from hf_models.training import parse_lesson_args, prepare_lesson_data, recipe_argv, show
+from hf_models.recipe_support import global_batch_size, parse_lesson_args, prepare_lesson_data, recipe_argv, show
 
 DEFAULT_GRID = Path(__file__).resolve().parent / "grids" / "modern_blocks.yaml" if "__file__" in globals() \
     else Path("recipes/grids/modern_blocks.yaml")
@@ -103,7 +106,7 @@ cell_data = CellData(
     corpus=data.corpus, tokenizer=data.tokenizer, byte_lengths=data.byte_lengths, block_size=data_args.block_size,
     max_eval_tokens=data_args.max_eval_tokens,
 )
-global_batch = training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+global_batch = global_batch_size(training_args)
 print(f"token budget per cell: {training_args.max_steps} steps x {global_batch} x {data_args.block_size} = "
       f"{training_args.max_steps * global_batch * data_args.block_size:,} tokens")
 

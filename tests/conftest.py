@@ -18,7 +18,7 @@ import torch
 
 from hf_models.data import load_corpus
 from hf_models.tokenization import build_char_tokenizer
-from tests.helpers import TINY_TEXT
+from tests.helpers import TINY_TEXT, save_tiny_model
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -62,3 +62,14 @@ def shakespeare() -> datasets.DatasetDict:
 def tiny_tokenizer():
     """A character tokenizer over ``TINY_TEXT``, the vocabulary of the tiny zoo models."""
     return build_char_tokenizer(TINY_TEXT)
+
+
+@pytest.fixture
+def saved_folder(tiny_tokenizer, tmp_path):
+    """``saved_folder(model_type, **overrides)`` -> ``(model, folder)``: that tiny model saved with the tiny tokenizer."""
+
+    def save(model_type: str, **overrides):
+        folder = tmp_path / model_type
+        return save_tiny_model(model_type, tiny_tokenizer, folder, **overrides), folder
+
+    return save

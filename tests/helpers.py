@@ -10,8 +10,9 @@ from transformers import LlamaConfig
 from transformers.cache_utils import Cache
 
 import hf_models
-from hf_models.attention import CausalSelfAttention, build_causal_mask, mask_lengths
-from hf_models.rotary import RotaryEmbedding
+from hf_models.configuration_configurable import ConfigurableDecoderConfig
+from hf_models.modeling_configurable import ConfigurableAttention
+from hf_models.modeling_modern import RotaryEmbedding, build_causal_mask, mask_lengths
 
 # ----------------------------------------------------------------------------- tiny zoo models
 
@@ -35,6 +36,9 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
 }
 
+# Every registered type with a backbone (``base_model_class``, loaded by ``AutoModel``): all but the bigram table.
+BACKBONE_TYPES = sorted(t for t, (_, model_class) in hf_models.MODEL_REGISTRY.items() if model_class.base_model_class is not None)
+
 TINY_TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
 
 # The zoo's end-of-text token, spelled out here rather than read from hf_models, so a rename shows.
@@ -42,11 +46,32 @@ EOS = "<|endoftext|>"
 
 
 def build_tiny_model(model_type: str, vocab_size: int, seed: int = 0, **overrides) -> torch.nn.Module:
-    """The tiny model of ``model_type`` (context 64), seeded, in eval mode; ``overrides`` update its config."""
+    """The tiny model of ``model_type`` (context 64), seeded, in eval mode; ``overrides`` update its config (the context too)."""
     config_class, model_class = hf_models.MODEL_REGISTRY[model_type]
     torch.manual_seed(seed)
-    config = config_class(vocab_size=vocab_size, max_position_embeddings=64, **{**TINY_CONFIGS[model_type], **overrides})
+    config = config_class(vocab_size=vocab_size, **{"max_position_embeddings": 64, **TINY_CONFIGS[model_type], **overrides})
     return model_class(config).eval()
+
+
+def save_tiny_model(model_type: str, tokenizer, folder, **overrides) -> torch.nn.Module:
+    """Save the tiny model of ``model_type`` (vocabulary: ``tokenizer``'s) with ``tokenizer`` in ``folder``; returns the model."""
+    model = build_tiny_model(model_type, len(tokenizer), **overrides)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def sample_ids(tokenizer, batch: int = 2) -> torch.LongTensor:
+    """(batch, L): the first 24 characters of ``TINY_TEXT``, tokenized, in every row."""
+    return torch.tensor([tokenizer(TINY_TEXT[:24])["input_ids"]] * batch)
+
+
+def tiny_decoder(model_type: str, vocab_size: int, attn_implementation: str = "sdpa", seed: int = 0, **overrides) -> torch.nn.Module:
+    """:func:`build_tiny_model` for an attention decoder (``zoo_gpt``, ``zoo_modern``, ...), running
+    ``attn_implementation`` ("eager" is the readable reference, "sdpa" the default)."""
+    model = build_tiny_model(model_type, vocab_size, seed=seed, **overrides)
+    model.config._attn_implementation = attn_implementation
+    return model
 
 
 # ----------------------------------------------------------------------------- padding
@@ -106,7 +131,7 @@ def prepare_inputs(
 
 
 def run_attention(
-    attention: CausalSelfAttention,
+    attention: ConfigurableAttention,
     x: torch.Tensor,
     mask_2d: torch.Tensor | None,
     cache: Cache | None,
@@ -122,3 +147,22 @@ def run_attention(
         past_key_values=cache,
         attn_implementation=attn_implementation,
     )
+
+
+def attention_layer(
+    hidden_size: int,
+    num_attention_heads: int,
+    num_key_value_heads: int | None = None,
+    bias: bool = True,
+    layer_idx: int = 0,
+    fused_qkv: bool = False,
+    qk_norm: bool = False,
+) -> ConfigurableAttention:
+    """One attention block with every lesson's choices as arguments: lesson 12's, the most general one
+    (lessons 4, 5 and 10's blocks are its presets, proven equal in test_configurable.py)."""
+    config = ConfigurableDecoderConfig(
+        vocab_size=16, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, bias=bias, fused_qkv=fused_qkv, qk_norm=qk_norm,
+        norm="rmsnorm", positions="rope", num_hidden_layers=max(1, layer_idx + 1),
+    )
+    return ConfigurableAttention(config, layer_idx)

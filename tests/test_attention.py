@@ -17,16 +17,17 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2MLP
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
-from hf_models.attention import (
+from hf_models.modeling_modern import (
     ATTENTION_FUNCTIONS,
-    CausalSelfAttention,
     build_causal_mask,
     eager_attention,
     sdpa_attention,
 )
-from hf_models.feed_forward import GELUMLP
-from hf_models.rotary import RotaryEmbedding
+import hf_models
+from hf_models.modeling_gpt import GPTMLP as GELUMLP
+from hf_models.modeling_modern import RotaryEmbedding
 from tests.helpers import (
+    attention_layer,
     ATOL,
     HEAD_DIM,
     HEADS,
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "left_padded"])
 @pytest.mark.parametrize("past", [0, 5], ids=["no_cache", "cache_offset"])
 def test_eager_matches_sdpa(num_kv_heads, padded, past):
-    attention = CausalSelfAttention(HIDDEN, HEADS, num_kv_heads, bias=True).eval()
+    attention = attention_layer(HIDDEN, HEADS, num_kv_heads, bias=True).eval()
     rope = RotaryEmbedding(HEAD_DIM)
     new = 6
     x = torch.randn(3, past + new, HIDDEN)
@@ -89,7 +90,7 @@ def test_fully_masked_rows_are_finite(function):
 
 
 def test_unknown_attention_implementation():
-    attention = CausalSelfAttention(HIDDEN, HEADS)
+    attention = attention_layer(HIDDEN, HEADS)
     with pytest.raises(ValueError, match=r"attn_implementation must be one of \['eager', 'sdpa'\], got 'flash'"):
         attention(torch.randn(1, 3, HIDDEN), attn_implementation="flash")
     assert set(ATTENTION_FUNCTIONS) == {"eager", "sdpa"}
@@ -97,9 +98,9 @@ def test_unknown_attention_implementation():
 
 def test_attention_validates_head_counts():
     with pytest.raises(ValueError, match="divisible by num_key_value_heads"):
-        CausalSelfAttention(HIDDEN, 4, 3)
+        attention_layer(HIDDEN, 4, 3)
     with pytest.raises(ValueError, match="divisible by num_attention_heads"):
-        CausalSelfAttention(30, 4)
+        hf_models.GPTConfig(hidden_size=30, num_attention_heads=4)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
@@ -107,7 +108,7 @@ def test_matches_llama_attention(implementation):
     config = llama_config(num_kv_heads=2)
     config._attn_implementation = implementation
     reference = LlamaAttention(config, layer_idx=0).eval()
-    ours = CausalSelfAttention(HIDDEN, HEADS, 2, bias=False).eval()
+    ours = attention_layer(HIDDEN, HEADS, 2, bias=False).eval()
     ours.load_state_dict(reference.state_dict())
     rope_ref, rope = LlamaRotaryEmbedding(config), RotaryEmbedding(HEAD_DIM, base=config.rope_parameters["rope_theta"])
 
@@ -135,7 +136,7 @@ def test_matches_gpt2_attention_and_mlp(implementation):
     with torch.no_grad():
         for module in (attention_ref.c_attn, attention_ref.c_proj, mlp_ref.c_fc, mlp_ref.c_proj):
             module.bias.normal_()
-    attention, mlp = CausalSelfAttention(HIDDEN, HEADS, bias=True).eval(), GELUMLP(HIDDEN, 4 * HIDDEN, activation="gelu_new")
+    attention, mlp = attention_layer(HIDDEN, HEADS, bias=True).eval(), GELUMLP(HIDDEN, 4 * HIDDEN, activation="gelu_new")
     state = {}
     for name, weight, bias in zip(
         ("q_proj", "k_proj", "v_proj"),
@@ -173,7 +174,7 @@ def test_no_padding_uses_is_causal_fast_path(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    run_attention(CausalSelfAttention(HIDDEN, HEADS), torch.randn(2, 5, HIDDEN), None, None, None, "sdpa")
+    run_attention(attention_layer(HIDDEN, HEADS), torch.randn(2, 5, HIDDEN), None, None, None, "sdpa")
     assert calls == [(None, True)]
 
 
@@ -182,8 +183,8 @@ def test_no_padding_uses_is_causal_fast_path(monkeypatch):
 def test_fused_qkv_projection_equals_separate_projections(num_key_value_heads, implementation):
     """GPT's one ``qkv_proj`` (rows q | k | v) computes what LLaMA's three projections compute, GQA too."""
     torch.manual_seed(0)
-    separate = CausalSelfAttention(HIDDEN, HEADS, num_key_value_heads, bias=True).eval()
-    fused = CausalSelfAttention(HIDDEN, HEADS, num_key_value_heads, bias=True, fused_qkv=True).eval()
+    separate = attention_layer(HIDDEN, HEADS, num_key_value_heads, bias=True).eval()
+    fused = attention_layer(HIDDEN, HEADS, num_key_value_heads, bias=True, fused_qkv=True).eval()
     assert not hasattr(fused, "q_proj") and fused.qkv_proj.out_features == HIDDEN + 2 * num_key_value_heads * (HIDDEN // HEADS)
     with torch.no_grad():
         fused.qkv_proj.weight.copy_(torch.cat([separate.q_proj.weight, separate.k_proj.weight, separate.v_proj.weight]))

@@ -1,15 +1,20 @@
-"""The benchmark timer on a fake clock: order, warm-up, medians, paired ratios, min_seconds."""
+"""The benchmark timer on a fake clock (order, warm-up, medians, paired ratios, min_seconds), the step clock,
+and the benchmark scripts: each shows its own flags and shares code with the lessons through the package only."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hf_models.benchmarking import PairedRatio, describe_machine, quartiles, time_interleaved
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class FakeClock:
@@ -113,3 +118,74 @@ def test_passive_omp_wait_restarts_once_and_respects_the_environment():
     chosen = subprocess.run([sys.executable, "-c", code], env=dict(env, OMP_WAIT_POLICY="ACTIVE"), capture_output=True,
                             text=True, timeout=120)
     assert chosen.stdout.split() == ["start", "ACTIVE"]
+
+
+# ----------------------------------------------------------------------------- the step clock
+
+
+def test_step_clock_leaves_out_warm_up_interrupted_and_untimed_steps(monkeypatch):
+    from hf_models.benchmarking import step_clock
+
+    now = iter([0.0, 1.0, 3.0, 6.0, 10.0, 15.0])
+    monkeypatch.setattr(step_clock.time, "perf_counter", lambda: next(now))
+    clock = step_clock.StepClock(tokens_per_step=100, skip_first_steps=1)
+    clock.start()  # 0
+    for interrupted in (False, False, True, False, False):  # steps end at 1, 3, 6 (an evaluation), 10, 15
+        clock.step_done(interrupted)
+    assert clock.step_seconds == [1.0, 2.0, 3.0, 4.0, 5.0] and clock.steps == 5
+    assert clock.timed_seconds() == [2.0, 4.0, 5.0]  # step 0 skipped (warm-up), step 2 held an evaluation
+    assert clock.tokens_per_second == pytest.approx(300 / 11)
+    unstarted = step_clock.StepClock(tokens_per_step=1)
+    monkeypatch.setattr(step_clock.time, "perf_counter", lambda: 5.0)
+    unstarted.step_done()
+    assert np.isnan(unstarted.step_seconds[0]) and np.isnan(unstarted.tokens_per_second)  # no start(): nothing to time
+
+
+def test_step_clock_times_each_generated_token():
+    """generate() calls the clock, as a stopping criterion, once per new token, and it never stops generation."""
+    import torch
+
+    from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
+    from hf_models.benchmarking.generation import CACHES, clocked_generate, greedy
+
+    torch.manual_seed(0)
+    model = ModernDecoderForCausalLM(ModernDecoderConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                         num_key_value_heads=2, max_position_embeddings=32)).eval()
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = None
+    prompt = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    ids, steps = clocked_generate(model, prompt, 16, CACHES["GrowingKVCache"])
+    assert ids.shape == (2, 16) and len(steps) == 11 and all(seconds > 0 for seconds in steps)
+    assert torch.equal(ids, greedy(model, prompt, 16, CACHES["no cache"]))
+
+
+# ----------------------------------------------------------------------------- the benchmark scripts
+
+BENCHMARKS = sorted((REPO / "benchmarks").glob("*.py"))
+
+
+def test_the_kv_cache_benchmark_shows_its_own_flags():
+    """It imports lesson 6's harness from the package; it once exec'd the recipe, whose parser then
+    took the command line (``--help`` showed the recipe's flags and ``--skip_large`` failed)."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kv_cache.py"), "--help"], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--skip_large", "--batch_sizes", "--no_cache_samples", "--large_hidden_size", "--min_seconds"):
+        assert flag in result.stdout, flag
+    assert "--batch_size " not in result.stdout and "--warmup" not in result.stdout  # the recipe's own flags
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda path: path.name)
+def test_no_benchmark_reads_or_executes_a_recipe(script):
+    """Benchmarks import what they share with a lesson from the package. Running a recipe as a user
+    would, in a subprocess (gpt_vs_nanogpt.py trains lesson 4 next to nanoGPT), is not sharing code."""
+    tree = ast.parse(script.read_text())
+    loaders = {"spec_from_file_location", "exec_module", "run_path", "run_module", "exec", "import_module", "read_text",
+               "read_bytes", "open", "SourceFileLoader"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in loaders:
+                assert "recipes" not in ast.unparse(node), f"{script.name}:{node.lineno} loads a recipe: {ast.unparse(node)}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+            assert not any(module.split(".")[0] in ("runpy", "recipes") for module in modules), f"{script.name}:{node.lineno}"

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from hf_models.feed_forward import GELUMLP, SwiGLU
+from hf_models.modeling_gpt import GPTMLP as GELUMLP
+from hf_models.modeling_modern import SwiGLU
 from tests.helpers import HIDDEN, llama_config
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
@@ -42,9 +43,11 @@ def test_gelu_mlp_matches_formula(activation, formula):
     torch.testing.assert_close(mlp.act_fn(hidden), ACT2FN[activation](hidden), atol=1e-6, rtol=0)
 
 
-def test_gelu_mlp_rejects_unknown_activation():
-    with pytest.raises(ValueError, match=r"activation.*'gelu_new'.*got 'relu'"):
-        GELUMLP(HIDDEN, 4 * HIDDEN, activation="relu")
+def test_gpt_config_rejects_unknown_activation():
+    from hf_models import GPTConfig
+
+    with pytest.raises(ValueError, match=r"GPTConfig.hidden_act must be one of \['gelu', 'gelu_new', 'gelu_pytorch_tanh'\], got 'relu'"):
+        GPTConfig(hidden_act="relu")
 
 
 def test_swiglu_matches_formula_and_llama_mlp():

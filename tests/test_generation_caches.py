@@ -19,25 +19,20 @@ import pytest
 import torch
 from transformers import DynamicCache, StaticCache
 
-from hf_models.attention import build_causal_mask
+from hf_models.modeling_modern import build_causal_mask
 from hf_models.kv_cache import GrowingKVCache, StaticKVCache
-from tests.helpers import build_tiny_model
+from tests.helpers import tiny_decoder
 
 VOCAB = 60
 CONTEXT = 64  # max_position_embeddings of the tiny models
 PROMPT = 9
 NEW_TOKENS = CONTEXT - PROMPT  # generate to the end of the context: a static cache ends exactly full
 DECODERS = ["zoo_gpt", "zoo_modern"]
+VARIED = dict(seed=2, initializer_range=0.3)  # random weights whose greedy text is not one token repeated
 PAD = 0  # never in a prompt: without an attention_mask, generate() reads every PAD token as padding
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def tiny_decoder(model_type: str, attn_implementation: str = "sdpa", **overrides) -> torch.nn.Module:
-    model = build_tiny_model(model_type, VOCAB, seed=2, initializer_range=0.3, **overrides)
-    model.config._attn_implementation = attn_implementation
-    return model
 
 
 def prompt_ids(batch: int = 1, length: int = PROMPT, seed: int = 1) -> torch.LongTensor:
@@ -72,7 +67,7 @@ def assert_varied(ids: torch.LongTensor, at_least: int = 5) -> None:
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("model_type", DECODERS)
 def test_greedy_is_identical_with_every_cache(model_type, attn_implementation):
-    model = tiny_decoder(model_type, attn_implementation)
+    model = tiny_decoder(model_type, VOCAB, attn_implementation, **VARIED)
     ids = prompt_ids()
     outputs = {name: generate_with(model, name, ids, max_new_tokens=NEW_TOKENS, do_sample=False) for name in CACHES}
     reference = outputs["no_cache"]
@@ -84,7 +79,7 @@ def test_greedy_is_identical_with_every_cache(model_type, attn_implementation):
 
 @pytest.mark.parametrize("model_type", DECODERS)
 def test_sampling_with_a_seed_is_identical_with_every_cache(model_type):
-    model = tiny_decoder(model_type)
+    model = tiny_decoder(model_type, VOCAB, **VARIED)
     ids = prompt_ids(batch=2)
     settings = dict(max_new_tokens=24, do_sample=True, top_k=20, temperature=1.0)
     reference = generate_with(model, "no_cache", ids, seed=7, **settings)
@@ -97,7 +92,7 @@ def test_sampling_with_a_seed_is_identical_with_every_cache(model_type):
 @pytest.mark.parametrize("model_type", DECODERS)
 def test_beam_search_is_identical_with_every_cache(model_type):
     """Beam search reorders the cache's batch rows after every step (``reorder_cache``)."""
-    model = tiny_decoder(model_type)
+    model = tiny_decoder(model_type, VOCAB, **VARIED)
     ids = prompt_ids(batch=2)
     settings = dict(max_new_tokens=16, do_sample=False, num_beams=3, num_return_sequences=2)
     reference = generate_with(model, "no_cache", ids, **settings)
@@ -113,7 +108,7 @@ def test_beam_search_is_identical_with_every_cache(model_type):
 def test_left_padded_batch_rows_match_each_prompt_alone(model_type, cache_name, attn_implementation):
     """A batch of prompts of different lengths, left-padded: each row generates what its prompt
     generates alone (positions come from the mask, padding is never attended to)."""
-    model = tiny_decoder(model_type, attn_implementation)
+    model = tiny_decoder(model_type, VOCAB, attn_implementation, **VARIED)
     lengths = [PROMPT, 4, 7]
     width, new_tokens = max(lengths), 20
     prompts = [prompt_ids(length=length, seed=10 + row)[0] for row, length in enumerate(lengths)]
@@ -138,7 +133,7 @@ def test_forward_honours_a_4d_attention_mask(model_type, attn_implementation):
     mask by a 4-D (B, 1, T, S) mask it builds itself, and passes the positions. A 4-D mask that says
     what the 2-D one says must give the same logits; the left-padded ``hf_static`` cases above fail
     exactly when it is ignored (the padding is then attended to)."""
-    model = tiny_decoder(model_type, attn_implementation)
+    model = tiny_decoder(model_type, VOCAB, attn_implementation, **VARIED)
     input_ids = prompt_ids(batch=2, length=7)
     mask_2d = torch.ones(2, 7, dtype=torch.long)
     mask_2d[1, :3] = 0  # row 1: three padding tokens on the left
@@ -154,7 +149,7 @@ def test_forward_honours_a_4d_attention_mask(model_type, attn_implementation):
 @pytest.mark.parametrize("kv_cache, expected", [("growing", GrowingKVCache), ("static", StaticKVCache)])
 def test_generate_uses_the_hand_written_cache_by_default(model_type, kv_cache, expected):
     """With no ``past_key_values``, generate() runs on the cache ``config.kv_cache`` names, not a DynamicCache."""
-    model = tiny_decoder(model_type, kv_cache=kv_cache)
+    model = tiny_decoder(model_type, VOCAB, kv_cache=kv_cache, **VARIED)
     seen = []
     handle = model.register_forward_hook(lambda module, args, output: seen.append(type(output.past_key_values)))
     try:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_models.attention import CausalSelfAttention
 from hf_models.kv_cache import GrowingKVCache
-from hf_models.norms import LayerNorm, RMSNorm
-from hf_models.rotary import RotaryEmbedding
-from tests.helpers import HEAD_DIM, HEADS, HIDDEN, left_padding_mask, run_attention
+from hf_models.modeling_gpt import LayerNorm
+from hf_models.modeling_modern import RMSNorm
+from hf_models.modeling_modern import RotaryEmbedding
+from tests.helpers import attention_layer, HEAD_DIM, HEADS, HIDDEN, left_padding_mask, run_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("torch_seed")]
 
@@ -33,7 +33,7 @@ def test_norms_on_cuda_match_cpu():
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_attention_with_kv_cache_on_cuda_matches_cpu(implementation):
-    attention, rope = CausalSelfAttention(HIDDEN, HEADS, 2, bias=True).eval(), RotaryEmbedding(HEAD_DIM)
+    attention, rope = attention_layer(HIDDEN, HEADS, 2, bias=True).eval(), RotaryEmbedding(HEAD_DIM)
     prompt, length = 7, 9
     x = torch.randn(3, length, HIDDEN)
     mask_2d = left_padding_mask(3, length, [0, 2, 5])

@@ -14,10 +14,9 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
-from hf_models.attention import CausalSelfAttention
 from hf_models.kv_cache import GrowingKVCache, GrowingKVLayer, StaticKVCache, StaticKVLayer
-from hf_models.rotary import RotaryEmbedding
-from tests.helpers import ATOL, HEAD_DIM, HEADS, HIDDEN, left_padding_mask, llama_config, prepare_inputs
+from hf_models.modeling_modern import RotaryEmbedding
+from tests.helpers import attention_layer, ATOL, HEAD_DIM, HEADS, HIDDEN, left_padding_mask, llama_config, prepare_inputs
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")
 
@@ -39,7 +38,7 @@ class TwoLayerAttention(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.layers = torch.nn.ModuleList(CausalSelfAttention(HIDDEN, HEADS, 2, bias=False, layer_idx=i) for i in range(2))
+        self.layers = torch.nn.ModuleList(attention_layer(HIDDEN, HEADS, 2, bias=False, layer_idx=i) for i in range(2))
         self.rope = RotaryEmbedding(HEAD_DIM)
 
     def forward(self, x, mask_2d, cache, implementation):

@@ -6,45 +6,23 @@
 * ``gradient_checkpointing_enable()`` (transformers' own switch) gives the same loss and gradients;
 * ``output_hidden_states`` and ``return_dict`` are honoured, ``output_attentions`` and unknown
   keywords are refused with an error naming them (never passed on to the loss);
-* cached decoding reads nothing back to the host (no device sync per generated token);
-* trl's ``SFTTrainer`` (with a peft ``LoraConfig``) and ``DPOTrainer`` train every model with a
-  backbone with their **default** settings, loaded from a saved folder as a user would;
-* bitsandbytes int8 and NF4 load every attention model and run ``pipeline``.
+* cached decoding reads nothing back to the host (no device sync per generated token).
+
+What clients do with the saved folders (``pipeline``, ``Trainer``, peft, trl, bitsandbytes, remote
+code, old folders) is the integration matrix, ``tests/test_model_matrix.py``.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from datasets import Dataset
-from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig, pipeline
+from transformers import AutoModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, MoeModelOutputWithPast
 
 import hf_models
-from tests.helpers import TINY_TEXT, build_tiny_model
+from tests.helpers import BACKBONE_TYPES, build_tiny_model, sample_ids
 
 MODEL_TYPES = sorted(hf_models.MODEL_REGISTRY)
-BACKBONE_TYPES = [t for t in MODEL_TYPES if hf_models.MODEL_REGISTRY[t][1].base_model_class is not None]
-# Every decoder of the registry (lesson 10's mixture of experts joins by registering).
-ATTENTION_TYPES = [t for t in MODEL_TYPES if issubclass(hf_models.MODEL_REGISTRY[t][1], hf_models.decoder.DecoderForCausalLM)]
-
-
-def sample_ids(tokenizer, batch: int = 2) -> torch.LongTensor:
-    return torch.tensor([tokenizer(TINY_TEXT[:24])["input_ids"]] * batch)
-
-
-@pytest.fixture
-def saved_folder(tiny_tokenizer, tmp_path):
-    """``save(model_type, **overrides)`` -> a folder holding that tiny model and the tokenizer."""
-
-    def save(model_type: str, **overrides):
-        model = build_tiny_model(model_type, len(tiny_tokenizer), **overrides)
-        folder = tmp_path / model_type
-        model.save_pretrained(folder)
-        tiny_tokenizer.save_pretrained(folder)
-        return model, folder
-
-    return save
 
 
 def test_every_model_but_the_bigram_table_has_a_backbone():
@@ -195,149 +173,3 @@ def test_cached_decode_steps_read_nothing_back_to_the_host(model_type, tiny_toke
         model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert len(per_step) == 5
     assert per_step[1:] == [0, 0, 0, 0], per_step
-
-
-# --- real clients with their defaults ------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model_type", BACKBONE_TYPES)
-def test_trl_sft_trainer_with_peft_lora_trains_with_its_defaults(model_type, saved_folder, tiny_tokenizer, tmp_path):
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    _, folder = saved_folder(model_type)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    lines = [line[:40] for line in TINY_TEXT.lower().splitlines() if line]
-    dataset = Dataset.from_dict({"text": lines * 4})
-    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, use_cpu=True)
-    assert args.gradient_checkpointing  # trl's default, which the zoo's models must support
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tiny_tokenizer,
-        peft_config=LoraConfig(target_modules="all-linear"),
-    )
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    trainer.train()
-    assert before and all("lora_" in n for n in before)
-    after = dict(trainer.model.named_parameters())
-    assert any(not torch.equal(before[n], after[n]) for n in before)
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log] or [trainer.state.log_history[-1]["train_loss"]]
-    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model_type", BACKBONE_TYPES)
-def test_trl_dpo_trainer_trains_with_its_defaults(model_type, saved_folder, tiny_tokenizer, tmp_path):
-    from trl import DPOConfig, DPOTrainer
-
-    _, folder = saved_folder(model_type)
-    policy = AutoModelForCausalLM.from_pretrained(folder)
-    reference = AutoModelForCausalLM.from_pretrained(folder)
-    preferences = Dataset.from_dict(
-        {"prompt": ["romeo:", "juliet:"] * 4, "chosen": [" but soft", " the sun"] * 4, "rejected": [" xyz", " qqq"] * 4}
-    )
-    args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, use_cpu=True)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=preferences, processing_class=tiny_tokenizer)
-    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    trainer.train()
-    assert any(not torch.equal(before[n], p) for n, p in policy.named_parameters())
-    assert all(torch.equal(before[n], p) for n, p in reference.named_parameters())  # the reference stays frozen
-    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
-
-
-# bitsandbytes' CPU 4-bit kernel packs weights in blocks of 64 input features, so its layers need at least 64.
-BNB_SIZE = dict(hidden_size=64, num_attention_heads=4)
-
-
-@pytest.mark.parametrize("model_type", ATTENTION_TYPES)
-@pytest.mark.parametrize(
-    "quantization", [dict(load_in_8bit=True), dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")], ids=["int8", "nf4"]
-)
-def test_bitsandbytes_loads_and_runs_pipeline(model_type, quantization, saved_folder):
-    import bitsandbytes as bnb
-
-    _, folder = saved_folder(model_type, **BNB_SIZE)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**quantization), device_map="cpu")
-    quantized = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
-    layer = model.model.layers[0]
-    down_projs = [m for name, m in layer.mlp.named_modules() if name.endswith("down_proj")]  # an MoE has one per expert
-    assert isinstance(layer.self_attn.o_proj, quantized) and down_projs and all(isinstance(m, quantized) for m in down_projs)
-    assert type(model.lm_head) is torch.nn.Linear  # the head stays in full precision
-    ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, do_sample=False)
-    assert ids.shape == (1, 9)
-    text = pipeline("text-generation", model=model, tokenizer=str(folder))("ROMEO:\n", max_new_tokens=8, do_sample=False)
-    assert text[0]["generated_text"].startswith("ROMEO:\n") and len(text[0]["generated_text"]) > len("ROMEO:\n")
-
-
-# --- folders saved before the backbones existed still load ---------------------------------------
-
-LEGACY_NAMES = {"model.embed_tokens.": "embed_tokens.", "model.layers.": "layers.", "model.hidden.proj.": "hidden."}
-
-
-@pytest.mark.parametrize("model_type", ["zoo_gru", "zoo_ngram_mlp"])
-def test_folders_saved_with_top_level_weight_names_still_load(model_type, saved_folder, tiny_tokenizer):
-    """GRU and n-gram folders saved before the split kept their weights at the top level."""
-    from safetensors.torch import load_file, save_file
-
-    model, folder = saved_folder(model_type)
-    weights = load_file(folder / "model.safetensors")
-    legacy = {}
-    for key, tensor in weights.items():
-        for new, old in LEGACY_NAMES.items():
-            if key.startswith(new):
-                key = old + key[len(new):]
-        legacy[key] = tensor
-    assert not any(key.startswith("model.") for key in legacy)
-    save_file(legacy, folder / "model.safetensors", metadata={"format": "pt"})
-    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
-    ids = sample_ids(tiny_tokenizer)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
-
-
-def test_decoder_spec_refuses_unknown_blocks_by_name():
-    from dataclasses import replace
-
-    from hf_models.decoder import build_mlp, build_norm
-
-    spec = hf_models.ModernDecoderConfig(hidden_size=32, num_attention_heads=4).decoder_spec()
-    with pytest.raises(ValueError, match=r"DecoderSpec.norm must be one of \['layernorm', 'rmsnorm'\], got 'batchnorm'"):
-        build_norm(replace(spec, norm="batchnorm"))
-    with pytest.raises(ValueError, match=r"DecoderSpec.mlp must be one of .*got 'moe'"):
-        build_mlp(replace(spec, mlp="moe"))
-
-
-def test_a_new_feed_forward_drops_into_every_layer_by_registering():
-    """The extension point lesson 10's mixture of experts uses: a builder registered under a name."""
-    from torch import nn
-
-    from hf_models import decoder
-
-    class ScaledSwiGLU(nn.Module):
-        _residual_projections = ("down_proj",)
-
-        def __init__(self, spec):
-            super().__init__()
-            self.inner = hf_models.feed_forward.SwiGLU(spec.hidden_size, spec.intermediate_size)
-            self.down_proj = self.inner.down_proj
-
-        def forward(self, x):
-            return 0.5 * self.inner(x)
-
-    class ScaledConfig(hf_models.ModernDecoderConfig):
-        def decoder_spec(self):
-            from dataclasses import replace
-
-            return replace(super().decoder_spec(), mlp="scaled_swiglu")
-
-    decoder.register_feed_forward("scaled_swiglu", ScaledSwiGLU)
-    try:
-        model = hf_models.ModernDecoderForCausalLM(ScaledConfig(vocab_size=40, hidden_size=32, num_attention_heads=4))
-        assert all(isinstance(layer.mlp, ScaledSwiGLU) for layer in model.model.layers)
-        ids = torch.tensor([[1, 2, 3]])
-        hidden = model.model.embed_tokens(ids)
-        layer = model.model.layers[0]
-        torch.testing.assert_close(layer.mlp(hidden), 0.5 * layer.mlp.inner(hidden))
-        model(ids)
-    finally:
-        del decoder.FEED_FORWARD_BUILDERS["scaled_swiglu"]

@@ -1,6 +1,10 @@
 """The integration matrix: every registered model passes the same checks a Hub user relies on.
 
-Parametrized over ``hf_models.MODEL_REGISTRY``: a new lesson's model joins by registering.
+Parametrized over ``hf_models.MODEL_REGISTRY``: a new lesson's model joins by registering. Each check
+here is what a client does with a model or its saved folder: load it (from the zoo, by remote code,
+from an old folder), ``generate`` and ``pipeline``, train it with ``Trainer``, peft, trl's trainers
+with their defaults, and quantize it with bitsandbytes. The forward contract itself (backbone,
+``inputs_embeds``, checkpointing, output flags, host syncs) is ``tests/test_model_contract.py``.
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator, pipeline
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments, default_data_collator, pipeline
 
 import hf_models
 from hf_models.adapters import LoRAConfig, apply_lora, lora_layers
 from hf_models.tokenization import check_tokenizer_matches_model
-from tests.helpers import TINY_CONFIGS, TINY_TEXT, build_tiny_model
+from tests.helpers import BACKBONE_TYPES, TINY_CONFIGS, TINY_TEXT, build_tiny_model, sample_ids
 
 MODEL_TYPES = sorted(hf_models.MODEL_REGISTRY)
 
@@ -40,18 +44,9 @@ def model_type(request):
 
 
 @pytest.fixture
-def saved(model_type, tiny_tokenizer, tmp_path):
+def saved(model_type, saved_folder):
     """A tiny model saved with its tokenizer: (model, folder)."""
-    model = build_tiny_model(model_type, len(tiny_tokenizer))
-    folder = tmp_path / model_type
-    model.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return model, folder
-
-
-def sample_ids(tokenizer, batch: int = 2) -> torch.LongTensor:
-    ids = tokenizer(TINY_TEXT[:24])["input_ids"]
-    return torch.tensor([ids] * batch)
+    return saved_folder(model_type)
 
 
 def test_save_load_round_trip_safetensors_only(saved, tiny_tokenizer):
@@ -95,7 +90,7 @@ def test_loads_with_trust_remote_code_where_hf_models_is_not_importable(saved, t
             backbone = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
             assert "hf_models" not in type(backbone).__module__, type(backbone).__module__
             with torch.no_grad():
-                torch.save(model.lm_head(backbone(ids).last_hidden_state), {str(tmp_path / "remote_backbone_logits.pt")!r})
+                torch.save(backbone(ids).last_hidden_state, {str(tmp_path / "remote_hidden_states.pt")!r})
         """
     )
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "HOME": str(tmp_path)}
@@ -103,8 +98,9 @@ def test_loads_with_trust_remote_code_where_hf_models_is_not_importable(saved, t
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "remote_logits.pt"), model(ids).logits, rtol=0, atol=0)
-        if has_backbone:
-            torch.testing.assert_close(torch.load(tmp_path / "remote_backbone_logits.pt"), model(ids).logits, rtol=0, atol=0)
+        if has_backbone:  # the same backbone as the installed one (that its hidden states give the logits: the contract's test)
+            installed = model.model(input_ids=ids).last_hidden_state
+            torch.testing.assert_close(torch.load(tmp_path / "remote_hidden_states.pt"), installed, rtol=0, atol=0)
 
 
 def test_pipeline_text_generation_from_folder(saved):
@@ -231,3 +227,103 @@ def test_folder_with_missing_files_names_the_file(saved, missing):
     (folder / missing).unlink()
     with pytest.raises((OSError, ValueError), match=missing.replace(".", r"\.")):
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+# --- real clients with their defaults ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", BACKBONE_TYPES)
+def test_trl_sft_trainer_with_peft_lora_trains_with_its_defaults(model_type, saved_folder, tiny_tokenizer, tmp_path):
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    _, folder = saved_folder(model_type)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    lines = [line[:40] for line in TINY_TEXT.lower().splitlines() if line]
+    dataset = Dataset.from_dict({"text": lines * 4})
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, use_cpu=True)
+    assert args.gradient_checkpointing  # trl's default, which the zoo's models must support
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tiny_tokenizer,
+        peft_config=LoraConfig(target_modules="all-linear"),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert before and all("lora_" in n for n in before)
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log] or [trainer.state.log_history[-1]["train_loss"]]
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", BACKBONE_TYPES)
+def test_trl_dpo_trainer_trains_with_its_defaults(model_type, saved_folder, tiny_tokenizer, tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    _, folder = saved_folder(model_type)
+    policy = AutoModelForCausalLM.from_pretrained(folder)
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    preferences = Dataset.from_dict(
+        {"prompt": ["romeo:", "juliet:"] * 4, "chosen": [" but soft", " the sun"] * 4, "rejected": [" xyz", " qqq"] * 4}
+    )
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, use_cpu=True)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=preferences, processing_class=tiny_tokenizer)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in policy.named_parameters())
+    assert all(torch.equal(before[n], p) for n, p in reference.named_parameters())  # the reference stays frozen
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
+
+
+# Every decoder of the registry (lesson 10's mixture of experts joins by registering).
+ATTENTION_TYPES = [t for t in MODEL_TYPES if t in ("zoo_gpt", "zoo_modern", "zoo_moe", "zoo_configurable")]
+# bitsandbytes' CPU 4-bit kernel packs weights in blocks of 64 input features, so its layers need at least 64.
+BNB_SIZE = dict(hidden_size=64, num_attention_heads=4)
+
+
+@pytest.mark.parametrize("model_type", ATTENTION_TYPES)
+@pytest.mark.parametrize(
+    "quantization", [dict(load_in_8bit=True), dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")], ids=["int8", "nf4"]
+)
+def test_bitsandbytes_loads_and_runs_pipeline(model_type, quantization, saved_folder):
+    import bitsandbytes as bnb
+
+    _, folder = saved_folder(model_type, **BNB_SIZE)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**quantization), device_map="cpu")
+    quantized = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+    layer = model.model.layers[0]
+    down_projs = [m for name, m in layer.mlp.named_modules() if name.endswith("down_proj")]  # an MoE has one per expert
+    assert isinstance(layer.self_attn.o_proj, quantized) and down_projs and all(isinstance(m, quantized) for m in down_projs)
+    assert type(model.lm_head) is torch.nn.Linear  # the head stays in full precision
+    ids = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, do_sample=False)
+    assert ids.shape == (1, 9)
+    text = pipeline("text-generation", model=model, tokenizer=str(folder))("ROMEO:\n", max_new_tokens=8, do_sample=False)
+    assert text[0]["generated_text"].startswith("ROMEO:\n") and len(text[0]["generated_text"]) > len("ROMEO:\n")
+
+
+# --- folders saved before the backbones existed still load ---------------------------------------
+
+LEGACY_NAMES = {"model.embed_tokens.": "embed_tokens.", "model.layers.": "layers.", "model.hidden.proj.": "hidden."}
+
+
+@pytest.mark.parametrize("model_type", ["zoo_gru", "zoo_ngram_mlp"])
+def test_folders_saved_with_top_level_weight_names_still_load(model_type, saved_folder, tiny_tokenizer):
+    """GRU and n-gram folders saved before the split kept their weights at the top level."""
+    from safetensors.torch import load_file, save_file
+
+    model, folder = saved_folder(model_type)
+    weights = load_file(folder / "model.safetensors")
+    legacy = {}
+    for key, tensor in weights.items():
+        for new, old in LEGACY_NAMES.items():
+            if key.startswith(new):
+                key = old + key[len(new):]
+        legacy[key] = tensor
+    assert not any(key.startswith("model.") for key in legacy)
+    save_file(legacy, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = sample_ids(tiny_tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from hf_models.norms import LayerNorm, RMSNorm
+from hf_models.modeling_gpt import LayerNorm
+from hf_models.modeling_modern import RMSNorm
 from tests.helpers import HIDDEN
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")

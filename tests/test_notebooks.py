@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hf_models.data import load_corpus
-from hf_models.training.notebook import execute_recipe_notebook, recipe_notebook
+from hf_models.recipe_support.notebook import execute_recipe_notebook, recipe_notebook
 from tests.test_ablations import TINY_GRID
 
 REPO = Path(__file__).resolve().parents[1]

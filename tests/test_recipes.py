@@ -234,13 +234,8 @@ def test_dpo_lesson_trains_with_trl_and_the_hand_loop_and_saves_the_aligned_mode
     AutoModelForCausalLM.from_pretrained(output_dir / "tiny")
 
 
-def test_lora_sft_lesson_fine_tunes_with_trl_and_by_hand(small_text_file, tmp_path):
-    """Lesson 8 with tiny settings: base, trl + peft and hand LoRA scored side by side; the hand adapter is
-    saved alone, converted to peft's format (which reloads to the merged model's logits) and merged into a folder."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def save_tiny_lora_base(folder: Path):
+    """A tiny untrained modern decoder with a character tokenizer over the next-line task, saved as lesson 8's base."""
     from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
     from hf_models.data import build_instruction_dataset
     from hf_models.tokenization import build_char_tokenizer
@@ -250,8 +245,56 @@ def test_lora_sft_lesson_fine_tunes_with_trl_and_by_hand(small_text_file, tmp_pa
     tokenizer = build_char_tokenizer(text)
     config = ModernDecoderConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id)
-    ModernDecoderForCausalLM(config).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
+    ModernDecoderForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def test_lora_sft_lesson_counts_every_process_in_its_global_batch(tmp_path, monkeypatch):
+    """Under ``accelerate launch --num_processes 2`` every optimizer step reads per-device x accumulation x 2
+    conversations, so lesson 8 draws twice the rows it draws on one process (it once left the processes out,
+    and the hand loop then cycled through half the data twice). Runs the recipe's cells up to its data
+    arithmetic, in-process, with ``TrainingArguments.world_size`` at 2, as accelerate sets it."""
+    import runpy
+
+    from transformers import TrainingArguments
+
+    import hf_models.recipe_support
+
+    save_tiny_lora_base(tmp_path / "base")
+    recipe = str(REPO / "recipes" / "08_lora_sft.py")
+
+    class DataArithmeticDone(Exception):
+        pass
+
+    seen = {}
+
+    def stop_after_the_data_arithmetic(data_args):  # the recipe's next call: load the held-out corpus
+        seen.update(sys._getframe(1).f_globals)
+        raise DataArithmeticDone
+
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    monkeypatch.setattr(hf_models.recipe_support, "load_lesson_corpus", stop_after_the_data_arithmetic)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # else use_passive_omp_wait() restarts this process
+    monkeypatch.setenv("HF_MODELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", [recipe, "--base_model", str(tmp_path / "base"), "--output_dir", str(tmp_path / "run"),
+                                      "--max_steps", "3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                                      "--max_length", "256", "--bf16", "false"])
+    with pytest.raises(DataArithmeticDone):
+        runpy.run_path(recipe, run_name="__main__")
+    assert seen["training_args"].world_size == 2
+    assert seen["batch"] == 2 * 2 * 2  # per device x accumulation x processes
+    assert len(seen["train"]) == len(seen["train_ids"]) == 3 * 8  # max_steps global batches, no example read twice
+
+
+def test_lora_sft_lesson_fine_tunes_with_trl_and_by_hand(small_text_file, tmp_path):
+    """Lesson 8 with tiny settings: base, trl + peft and hand LoRA scored side by side; the hand adapter is
+    saved alone, converted to peft's format (which reloads to the merged model's logits) and merged into a folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = save_tiny_lora_base(tmp_path / "base")
     output_dir = tmp_path / "run"
     command = [sys.executable, str(REPO / "recipes" / "08_lora_sft.py"), "--base_model", str(tmp_path / "base"),
                "--dataset", "text", "--data_files", str(small_text_file), "--output_dir", str(output_dir), "--model_name", "tiny",

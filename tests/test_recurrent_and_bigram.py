@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 from hf_models import BigramConfig, BigramForCausalLM, GRULMConfig, GRULMForCausalLM
 from hf_models.evaluation import evaluate_token_stream
-from hf_models.gru import GRULayer
+from hf_models.modeling_gru import GRULayer
 
 
 def test_counted_bigram_is_the_add_one_closed_form():

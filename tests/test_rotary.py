@@ -12,13 +12,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from hf_models.rotary import (
-    RotaryEmbedding,
-    apply_rotary,
-    apply_rotary_interleaved,
-    permute_for_interleaved,
-    permute_for_rotate_half,
-)
+from hf_models.conversion.rotary_layout import apply_rotary_interleaved, permute_for_interleaved, permute_for_rotate_half
+from hf_models.modeling_modern import RotaryEmbedding, apply_rotary
 from tests.helpers import HEAD_DIM, HEADS, HIDDEN, left_padding_mask, llama_config, positions_from_mask
 
 pytestmark = pytest.mark.usefixtures("single_thread", "torch_seed")

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,8 +17,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments, default_data_collator, get_cosine_schedule_with_warmup, get_scheduler
 
-from hf_models.training.loop import TrainingLoop, decay_parameter_groups, read_metrics
-from hf_models.training.schedule import WarmupCosineSchedule
+from hf_models.training.loop import TrainingLoop, WarmupCosineSchedule, decay_parameter_groups, read_metrics
 from tests.helpers import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

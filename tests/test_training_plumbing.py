@@ -17,11 +17,9 @@ import datasets
 import pytest
 from transformers import AutoTokenizer, TrainingArguments, pipeline
 
-from hf_models import GPTConfig, GPTForCausalLM, ModernDecoderConfig, ModernDecoderForCausalLM
 from hf_models.conversion import export_for_serving
 from hf_models.files import atomic, save_folder_atomically, write_json_atomically
-from hf_models.tokenization import build_char_tokenizer, token_byte_lengths
-from hf_models.training import (
+from hf_models.recipe_support import (
     DataArguments,
     DecoderArguments,
     LessonArguments,
@@ -31,17 +29,11 @@ from hf_models.training import (
     parse_lesson_args,
     prepare_lesson_data,
 )
+from hf_models.tokenization import build_char_tokenizer, token_byte_lengths
+from tests.helpers import tiny_decoder
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
 CONTEXT = 32
-
-
-def tiny_decoder(kind: str, vocab_size: int):
-    """A tiny GPT or modern decoder with a context of ``CONTEXT`` tokens."""
-    common = dict(vocab_size=vocab_size, max_position_embeddings=CONTEXT, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
-    if kind == "gpt":
-        return GPTForCausalLM(GPTConfig(**common)).eval()
-    return ModernDecoderForCausalLM(ModernDecoderConfig(num_key_value_heads=2, **common)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +64,7 @@ def leftovers(parent: Path, keep: str) -> list[str]:
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], indirect=True, ids=["umask022", "umask077", "umask002"])
 def test_atomic_folder_has_the_permissions_of_a_plain_write(umask, tokenizer, tmp_path):
-    model = tiny_decoder("modern", len(tokenizer))
+    model = tiny_decoder("zoo_modern", len(tokenizer), max_position_embeddings=CONTEXT)
     model.save_pretrained(tmp_path / "plain")
     save_folder_atomically(tmp_path / "atomic" / "model", model.save_pretrained)
 
@@ -96,7 +88,8 @@ def test_atomic_folder_has_the_permissions_of_a_plain_write(umask, tokenizer, tm
 def test_saved_weights_are_readable_by_others_like_every_other_file(umask, tokenizer, tmp_path):
     """safetensors >= 0.8 writes model.safetensors at 0600 whatever the umask (safetensors#782); the
     atomic save gives every file the mode a plain write would have."""
-    save_folder_atomically(tmp_path / "model", tiny_decoder("gpt", len(tokenizer)).save_pretrained)
+    model = tiny_decoder("zoo_gpt", len(tokenizer), max_position_embeddings=CONTEXT)
+    save_folder_atomically(tmp_path / "model", model.save_pretrained)
     assert stat.S_IMODE((tmp_path / "model" / "model.safetensors").stat().st_mode) == 0o644
 
 
@@ -125,7 +118,7 @@ def test_replacing_a_folder_leaves_the_new_contents_and_no_temporary_folder(repl
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "old.txt").write_text("the previous run")
-    model = tiny_decoder("gpt", len(tokenizer))
+    model = tiny_decoder("zoo_gpt", len(tokenizer), max_position_embeddings=CONTEXT)
 
     save_folder_atomically(folder, model.save_pretrained)
 
@@ -174,7 +167,7 @@ def test_saving_a_folder_where_a_file_exists_names_the_path(tmp_path):
 
 
 def test_finish_lesson_saves_a_tokenizer_that_stops_at_the_model_context(tokenizer, tmp_path):
-    model = tiny_decoder("modern", len(tokenizer))
+    model = tiny_decoder("zoo_modern", len(tokenizer), max_position_embeddings=CONTEXT)
     corpus = datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": [TEXT * 3]})})
     byte_lengths = token_byte_lengths(tokenizer)
     results = evaluate_splits(model, tokenizer, corpus, byte_lengths, CONTEXT)
@@ -200,10 +193,11 @@ def test_finish_lesson_saves_a_tokenizer_that_stops_at_the_model_context(tokeniz
     assert results["sample"].startswith("ROMEO:\n")
 
 
-@pytest.mark.parametrize("kind", ["gpt", "modern"])
-def test_export_for_serving_saves_a_tokenizer_that_stops_at_the_model_context(kind, tokenizer, tmp_path):
+@pytest.mark.parametrize("model_type", ["zoo_gpt", "zoo_modern"])
+def test_export_for_serving_saves_a_tokenizer_that_stops_at_the_model_context(model_type, tokenizer, tmp_path):
     unbounded = tokenizer.model_max_length
-    folder = export_for_serving(tiny_decoder(kind, len(tokenizer)), tokenizer, tmp_path / "export")
+    model = tiny_decoder(model_type, len(tokenizer), max_position_embeddings=CONTEXT)
+    folder = export_for_serving(model, tokenizer, tmp_path / "export")
 
     saved = AutoTokenizer.from_pretrained(folder)
     assert saved.model_max_length == CONTEXT

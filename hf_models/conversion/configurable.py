@@ -1,7 +1,7 @@
 """Lessons 4, 5 and 10's decoders to lesson 12's configurable decoder and back, by config alone.
 
 A preset of the configurable decoder builds the dedicated model's modules under the same names
-(both are ``decoder.py``'s skeleton with the same blocks), so converting is translating the config:
+(the configurable decoder's modules carry the same names and blocks as ``modeling_gpt.py``, ``modeling_modern.py`` and ``modeling_moe.py``), so converting is translating the config:
 the state dict loads unchanged, strictly, and the logits are identical. Going back only works for a
 configurable model that *is* one of the presets; any other combination (QK-norm, NoPE, a GELU with
 rotary, ...) has no dedicated model, and the error names the fields that differ.

@@ -2,7 +2,7 @@
 
 The zoo's modern decoder uses LLaMA's module names and the same rotate-half rotary layout, so
 the state dicts map one to one; only the configs differ in spelling. (A checkpoint in Meta's
-original interleaved layout would first need ``hf_models.rotary.permute_for_rotate_half`` on its
+original interleaved layout would first need ``hf_models.conversion.rotary_layout.permute_for_rotate_half`` on its
 q and k weights, exactly as transformers' own conversion script does.)
 """
 

@@ -1,4 +1,9 @@
-"""Held-out evaluation shared by every lesson: loss, perplexity and bits per byte."""
+"""Held-out evaluation shared by every lesson: loss, perplexity and bits per byte.
+
+Also lesson 10's monitor of a mixture of experts in training, ``expert_load.py`` (the share of
+routing slots each expert receives); import it from there: it is not re-exported, so that the
+evaluation of dense models does not load the MoE blocks.
+"""
 
 from .language_modeling import (
     BITS_PER_BYTE_METRIC,

@@ -30,13 +30,13 @@ import torch
 from accelerate import PartialState
 from transformers import TrainingArguments, default_data_collator, set_seed
 
+from ..benchmarking.memory import training_step_bytes
 from ..data import RandomWindows
 from ..evaluation import evaluate_splits
 from ..files import write_json_atomically
 from ..modeling_configurable import ConfigurableDecoderForCausalLM
-from ..training.loop import TrainingLoop, read_metrics
-from ..training.loop_state import latest_checkpoint
-from ..training.memory import training_step_bytes
+from ..recipe_support.arguments import global_batch_size
+from ..training.loop import TrainingLoop, latest_checkpoint, read_metrics
 from .grid import Grid, slug
 
 CELL_FILE, RESULT_FILE = "cell.json", "result.json"
@@ -121,7 +121,7 @@ def run_cell(grid: Grid, cell: str, seed: int, data: CellData, args: TrainingArg
 
     set_seed(seed)
     model = ConfigurableDecoderForCausalLM(config)
-    global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    global_batch = global_batch_size(args)
     windows = RandomWindows(data.train_ids, data.block_size, args.max_steps * global_batch, seed)
     first = default_data_collator([windows[i] for i in range(args.per_device_train_batch_size)])  # the loop's first micro-batch
     memory = training_step_bytes(model, first, bf16=args.bf16)

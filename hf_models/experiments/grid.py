@@ -32,7 +32,7 @@ import yaml
 from transformers import TrainingArguments
 
 from ..configuration_configurable import ConfigurableDecoderConfig
-from ..training.arguments import DataArguments
+from ..recipe_support.arguments import DataArguments
 
 TOP_LEVEL_KEYS = ("question", "seeds", "base", "training", "cells")
 # Set by the grid per cell, or fixed by the runner: a cell may not change them.

@@ -1,65 +1,15 @@
-"""Recipe plumbing shared by every lesson, so that a recipe reads as its lesson and nothing else.
+"""Lesson 7: the training loop ``Trainer`` runs for us, written by hand in one file, ``loop.py``.
 
-A recipe goes top to bottom, and each step has a module named for it:
+``loop.py`` reads top to bottom as the lesson: the warm-up + cosine schedule, what a step reads,
+what a checkpoint holds (without pickle), and :class:`~hf_models.training.loop.TrainingLoop`.
+Lesson 8 trains its hand-written LoRA on it, lesson 11 subclasses it for DPO
+(``hf_models.alignment.dpo_loop``) and lesson 12 runs every ablation cell on it.
 
-* ``arguments.py``: the command line. ``HfArgumentParser`` dataclasses and :func:`parse_lesson_args`,
-  which refuses flags that cannot work before anything runs.
-* ``lesson_data.py``: corpus -> tokenizer (the hand-written BPE, cached) -> training examples,
-  :func:`prepare_lesson_data` returning a :class:`LessonData`.
-* ``trainer_setup.py``: the decoder lessons' shared budget (``DECODER_TRAINING_DEFAULTS``), a
-  ``Trainer`` whose evaluation reports bits per byte (:func:`build_trainer`), and
-  :func:`train_and_evaluate`; ``throughput.py`` times the steps.
-* held-out measurement is not training: :func:`evaluate_splits` lives in ``hf_models.evaluation``
-  (re-exported here for the recipes).
-* ``publishing.py``: :func:`finish_lesson` saves the folder atomically with its card
-  (``model_card.py``), writes ``results.json``, reads a sample back through ``pipeline`` from
-  the saved folder and pushes to the Hub when asked.
-
-* ``memory.py``: what a training step holds (weights, gradients, optimizer state, saved activations).
-* ``notebook.py``: the recipes are notebooks too (``# %%`` cells): plots shown under their cell,
-  and :func:`~hf_models.training.notebook.execute_recipe_notebook` for ``make notebooks``.
-
-Where the later lessons' pieces live:
-
-* lesson 7, the training loop written by hand (what ``Trainer`` does for us): ``hf_models/training/loop.py``;
-* lesson 8, adapters (LoRA and friends): the package ``hf_models/adapters/``;
-* lesson 9, quantization: the flat ``hf_models/`` folder beside the model files, because a saved
-  quantized folder must carry that code for ``trust_remote_code``;
-* lesson 11, alignment (preference data, DPO): the package ``hf_models/alignment/``;
-* lesson 12, experiments (ablation grids, the leaderboard): the package ``hf_models/experiments/``.
-
-Saved models never import this package; it is for the training side only.
+What is not the loop lives elsewhere: the recipes' plumbing (arguments, data, ``Trainer`` set-up,
+saving and publishing) in ``hf_models.recipe_support``; the step clock it shares with ``Trainer``
+and the memory measure in ``hf_models.benchmarking``. Saved models never import this package.
 """
 
-from ..evaluation import evaluate_splits
-from .arguments import DataArguments, DecoderArguments, LessonArguments, find_model_folder, in_notebook, parse_lesson_args, recipe_argv
-from .lesson_data import LessonData, bpe_tokenizer_for, load_lesson_corpus, prepare_lesson_data
-from .model_card import build_model_card
-from .notebook import show
-from .publishing import finish_lesson, push_folder_to_hub, sample_with_pipeline
-from .throughput import ThroughputCallback
-from .trainer_setup import DECODER_TRAINING_DEFAULTS, build_trainer, train_and_evaluate
+from .loop import LoopResult, TrainingLoop, WarmupCosineSchedule, read_metrics
 
-__all__ = [
-    "in_notebook",
-    "recipe_argv",
-    "show",
-    "DECODER_TRAINING_DEFAULTS",
-    "LessonData",
-    "DataArguments",
-    "find_model_folder",
-    "DecoderArguments",
-    "LessonArguments",
-    "ThroughputCallback",
-    "bpe_tokenizer_for",
-    "build_model_card",
-    "build_trainer",
-    "evaluate_splits",
-    "finish_lesson",
-    "load_lesson_corpus",
-    "prepare_lesson_data",
-    "parse_lesson_args",
-    "push_folder_to_hub",
-    "sample_with_pipeline",
-    "train_and_evaluate",
-]
+__all__ = ["LoopResult", "TrainingLoop", "WarmupCosineSchedule", "read_metrics"]

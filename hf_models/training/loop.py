@@ -1,4 +1,4 @@
-"""Lesson 7: the training loop ``Trainer`` runs for us, written out, on Accelerate.
+"""Lesson 7: the training loop ``Trainer`` runs for us, written out, on Accelerate, in one file.
 
 One optimizer step, as every LLM trainer does it::
 
@@ -7,10 +7,11 @@ One optimizer step, as every LLM trainer does it::
             loss = sum of token losses / tokens in the whole step
         backward(loss)                                    # gradients add up across micro-batches
     clip the gradient norm                                # one bad batch cannot blow up the weights
-    optimizer step, learning-rate schedule step           # AdamW; warm-up then cosine (schedule.py)
+    optimizer step, learning-rate schedule step           # AdamW; warm-up then cosine (below)
 
 and around it: periodic evaluation, logging, and checkpoints that let a killed run continue bit
-for bit (``loop_state.py``).
+for bit. The file reads top to bottom: the schedule, what a step reads (parameter groups, target
+tokens, the global micro-batches), what a checkpoint holds, then :class:`TrainingLoop` itself.
 
 Three details are where loops go wrong:
 
@@ -41,33 +42,27 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 from transformers import TrainingArguments, default_data_collator
 
+from ..benchmarking import StepClock
 from ..evaluation import evaluate_blocks
 from ..files import save_folder_atomically
-from .loop_state import (
-    MODEL_FILE,
-    STATE_FILE,
-    capture_rng_state,
-    latest_checkpoint,
-    load_optimizer,
-    load_rng_state,
-    restore_rng_state,
-    save_optimizer,
-    save_rng_states,
-)
-from .schedule import WarmupCosineSchedule
-from .throughput import StepClock
+from ..recipe_support.arguments import global_batch_size
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -84,6 +79,63 @@ class LoopResult:
     def losses(self) -> dict[int, float]:
         """Training loss at each logged step."""
         return {r["step"]: r["loss"] for r in self.history if "loss" in r}
+
+
+# ----------------------------------------------------------------------------- the learning-rate schedule
+
+# Almost every LLM is trained with linear warm-up, then cosine decay to a floor.
+#
+# Why warm up? At step 0 Adam's second-moment estimates are built from a handful of gradients, so
+# its per-parameter step sizes are noisy, and a freshly initialised network has large, badly
+# conditioned gradients. Ramping the learning rate from 0 to its peak over the first few hundred
+# steps lets those statistics settle before the big steps come. Why cosine? Loss falls fastest at a
+# high rate early and needs a small rate late to settle into a minimum; a half cosine goes from one
+# to the other smoothly, spending most of the run near the peak and slowing at the end. GPT-2/3,
+# LLaMA and nanoGPT all use it, decaying to a floor (often a tenth of the peak) rather than to 0.
+#
+# For step ``s`` of ``S``, with ``W`` warm-up steps, peak ``lr`` and floor ``min_lr``::
+#
+#     s < W:   lr * s / W
+#     s >= W:  min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * (s - W) / (S - W)))
+#
+# This equals transformers' ``get_cosine_schedule_with_warmup`` (``min_lr = 0``) and the
+# ``"cosine_with_min_lr"`` schedule at every step (tests/test_training_loop.py checks to 1e-12).
+# Frontier runs use the same shape, sometimes with "warmup-stable-decay" (a long flat middle, decayed
+# at the end) so that a run can be extended without restarting the schedule.
+
+
+def warmup_cosine_lr(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """The learning rate at optimizer step ``step`` (0-based: the rate the ``step``-th update uses)."""
+    if step < warmup_steps:
+        return peak_lr * step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    cosine = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return min_lr + (peak_lr - min_lr) * cosine
+
+
+class WarmupCosineSchedule(LRScheduler):
+    """:func:`warmup_cosine_lr` as a torch scheduler: call ``step()`` once after every optimizer step.
+
+    The rate is a closed form of the step count, so the scheduler's whole state is that count
+    (``last_epoch``), which is what a checkpoint saves.
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr: float = 0.0, last_epoch: int = -1):
+        if warmup_steps < 0 or total_steps <= 0:
+            raise ValueError(f"warmup_steps must be >= 0 and total_steps > 0, got {warmup_steps} and {total_steps}.")
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr = min_lr
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        return [
+            warmup_cosine_lr(self.last_epoch, base_lr, self.warmup_steps, self.total_steps, self.min_lr)
+            for base_lr in self.base_lrs
+        ]
+
+
+# ----------------------------------------------------------------------------- what a step reads
 
 
 def decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -141,6 +193,115 @@ class GlobalBatches:
         return self.collate([self.dataset[int(i)] for i in indices])
 
 
+# ----------------------------------------------------------------------------- what a checkpoint holds
+
+# Everything a training run needs to continue exactly where it stopped, saved without pickle.
+#
+# A run killed at step ``n`` and resumed from its last checkpoint should produce, bit for bit on a
+# CPU, the losses an uninterrupted run produces. That needs more than the weights:
+#
+# * the **model** weights (``model.safetensors``);
+# * the **optimizer** state: AdamW's two moment estimates and step count per parameter, and the
+#   param groups' hyper-parameters (``optimizer.safetensors`` + ``optimizer.json``);
+# * the **scheduler**, whose whole state is its step count (``trainer_state.json``);
+# * the **data position**: which micro-batch comes next (``trainer_state.json``);
+# * every **random number generator** that the rest of the run will draw from, on every process:
+#   torch's CPU generator (dropout), CUDA's, numpy's and Python's (``rng_state.safetensors`` +
+#   ``rng_state.json``).
+#
+# Why not ``torch.save``? It pickles, and unpickling a file can run arbitrary code: a checkpoint
+# shared on the Hub is untrusted input. Every piece here is a tensor (safetensors) or plain JSON.
+# (``Trainer``'s checkpoints pickle the optimizer, scheduler and RNG states; the hand loop shows
+# that nothing forces it.)
+
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_TENSORS, OPTIMIZER_GROUPS = "optimizer.safetensors", "optimizer.json"
+STATE_FILE = "trainer_state.json"
+RNG_TENSORS, RNG_JSON = "rng_state.safetensors", "rng_state.json"
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Per-parameter state tensors to safetensors (``"<param index>.<name>"``), param groups to JSON."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{name}": value.detach().contiguous().cpu() if torch.is_tensor(value) else torch.tensor(value)
+        for index, entries in state["state"].items()
+        for name, value in entries.items()
+    }
+    save_file(tensors, folder / OPTIMIZER_TENSORS)
+    (folder / OPTIMIZER_GROUPS).write_text(json.dumps(state["param_groups"], indent=1))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    tensors = load_file(folder / OPTIMIZER_TENSORS)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = json.loads((folder / OPTIMIZER_GROUPS).read_text())
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's generators, as (tensors, JSON-able values)."""
+    mt_name, mt_keys, mt_pos, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(mt_keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = cuda_state
+    version, python_state, gauss = random.getstate()
+    values = {
+        "numpy": [mt_name, int(mt_pos), int(has_gauss), float(cached_gaussian)],
+        "python": [version, list(python_state), gauss],
+    }
+    return tensors, values
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], values: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda_states = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k.split(".")[1]))
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda_states])
+    mt_name, mt_pos, has_gauss, cached_gaussian = values["numpy"]
+    np.random.set_state((mt_name, tensors["numpy_keys"].numpy().astype(np.uint32), mt_pos, has_gauss, cached_gaussian))
+    version, python_state, gauss = values["python"]
+    random.setstate((version, tuple(python_state), gauss))
+
+
+def save_rng_states(states: list[tuple[dict[str, torch.Tensor], dict]], folder: Path) -> None:
+    """Every process's generators (index = process rank) in one pair of files."""
+    save_file(
+        {f"{rank}.{name}": tensor.contiguous() for rank, (tensors, _) in enumerate(states) for name, tensor in tensors.items()},
+        folder / RNG_TENSORS,
+    )
+    (folder / RNG_JSON).write_text(json.dumps([values for _, values in states]))
+
+
+def load_rng_state(folder: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict]:
+    values = json.loads((folder / RNG_JSON).read_text())
+    if rank >= len(values):
+        raise ValueError(
+            f"{folder} holds the random states of {len(values)} process(es); this run has a process of rank {rank}. "
+            f"Resume with the number of processes the checkpoint was saved with."
+        )
+    prefix = f"{rank}."
+    tensors = {key[len(prefix):]: value for key, value in load_file(folder / RNG_TENSORS).items() if key.startswith(prefix)}
+    return tensors, values[rank]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The ``checkpoint-<step>`` folder with the highest step in ``output_dir``, if any."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(folders, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
 class TrainingLoop:
     """Train ``model`` on ``train_dataset`` with the settings of ``args`` (transformers' ``TrainingArguments``).
 
@@ -153,7 +314,7 @@ class TrainingLoop:
     ``use_cpu`` and ``disable_tqdm``.
 
     Writes ``metrics.jsonl`` (one JSON record per logged step and per evaluation), TensorBoard
-    events when ``tensorboard`` is installed, and ``checkpoint-<step>`` folders (``loop_state.py``).
+    events when ``tensorboard`` is installed, and ``checkpoint-<step>`` folders (see "what a checkpoint holds" above).
     """
 
     def __init__(
@@ -279,7 +440,7 @@ class TrainingLoop:
         writer = self._tensorboard()
         main = accelerator.is_main_process
         progress = tqdm(total=args.max_steps, initial=self.step, disable=args.disable_tqdm or not main, desc="training")
-        tokens_per_step = self.batches.global_size * args.gradient_accumulation_steps * self.tokens_per_example()
+        tokens_per_step = global_batch_size(args) * self.tokens_per_example()
         running_loss, logged_steps = torch.zeros((), device=self.device), 0
         # nanoGPT's per-iteration time: everything between two steps, except steps that also evaluated or saved.
         clock = StepClock(tokens_per_step, skip_first_steps=min(5, args.max_steps // 10))
@@ -383,4 +544,13 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-__all__ = ["LoopResult", "TrainingLoop", "count_target_tokens", "decay_parameter_groups", "read_metrics"]
+__all__ = [
+    "LoopResult",
+    "TrainingLoop",
+    "WarmupCosineSchedule",
+    "count_target_tokens",
+    "decay_parameter_groups",
+    "latest_checkpoint",
+    "read_metrics",
+    "warmup_cosine_lr",
+]

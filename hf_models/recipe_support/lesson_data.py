@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, TrainingArgumen
 from ..data import RandomWindows, load_corpus, pack_for_causal_lm, split_token_ids
 from ..files import cache_dir, save_folder_atomically
 from ..tokenization import ByteLevelBPE, build_char_tokenizer, token_byte_lengths
-from .arguments import DataArguments, check_max_steps
+from .arguments import DataArguments, check_max_steps, global_batch_size
 
 
 def load_lesson_corpus(data_args: DataArguments) -> DatasetDict:
@@ -117,8 +117,8 @@ def _prepare_lesson_data(
         description = f"byte-level BPE, {len(tokenizer)} tokens (hf_models.tokenization.bpe)"
     packed = pack_for_causal_lm(corpus, tokenizer, data_args.block_size)  # rows of block_size ids
     if sampling == "random_windows":
-        global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
-        train = RandomWindows(split_token_ids(corpus["train"], tokenizer), data_args.block_size, training_args.max_steps * global_batch, training_args.seed)
+        windows = training_args.max_steps * global_batch_size(training_args)
+        train = RandomWindows(split_token_ids(corpus["train"], tokenizer), data_args.block_size, windows, training_args.seed)
     else:
         train = packed["train"]
     return LessonData(corpus, tokenizer, description, train, packed["validation"], token_byte_lengths(tokenizer), seconds)

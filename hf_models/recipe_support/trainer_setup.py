@@ -30,9 +30,9 @@ from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments, de
 
 from ..evaluation import evaluate_splits, trainer_metric_functions
 from ..tokenization import check_tokenizer_matches_model
-from .arguments import DataArguments
+from ..benchmarking import ThroughputCallback
+from .arguments import DataArguments, global_batch_size
 from .lesson_data import LessonData
-from .throughput import ThroughputCallback
 
 # The decoder lessons' budget and optimisation, in one place because lessons 4 and 5 are compared
 # at the same budget: 1000 steps of 16 x 128 tokens (about five minutes here), and nanoGPT's
@@ -71,13 +71,7 @@ def build_trainer(
     """
     check_tokenizer_matches_model(tokenizer, model)
     block_size = len(train_dataset[0]["input_ids"])
-    tokens_per_step = (
-        block_size
-        * training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * training_args.world_size
-    )
-    throughput = ThroughputCallback(tokens_per_step)
+    throughput = ThroughputCallback(global_batch_size(training_args) * block_size)
     preprocess_logits_for_metrics, compute_metrics = trainer_metric_functions(byte_lengths)
     trainer = Trainer(
         model=model,
@@ -122,7 +116,7 @@ def train_and_evaluate(
         training={
             "parameters": f"{model.num_parameters():,}",
             "steps": trainer.state.global_step,
-            "batch": f"{args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size} x {data_args.block_size} tokens",
+            "batch": f"{global_batch_size(args)} x {data_args.block_size} tokens",
             "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}), lr {args.learning_rate}, warm-up "
             f"{args.warmup_steps} steps, {args.lr_scheduler_type} schedule, weight decay {args.weight_decay}, clip {args.max_grad_norm}",
             "training throughput": f"{throughput.tokens_per_second:,.0f} tokens/s on {args.world_size} process(es), {args.device.type}",

@@ -5,8 +5,9 @@ to a few experts, and the others are parameters that cost memory and learn nothi
 training logs the load, as frontier runs do (DeepSeek-V3 reports the per-expert load of every
 layer; Switch and Mixtral watch the fraction of tokens per expert).
 
-The blocks count their routing slots during the forward anyway (``SparseMoeBlock.tokens_per_expert``,
-needed to split the batch), so measuring costs a forward hook that adds those counts up.
+Each block returns its router logits with its output, so measuring costs a forward hook that takes
+each token's top-k experts from those logits (the router's own choice: softmax is monotonic, so the
+top-k logits are the top-k probabilities) and adds up the slots.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..moe import SparseMoeBlock
 
 
 class ExpertLoad:
@@ -29,7 +29,9 @@ class ExpertLoad:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+        # By name: lesson 10's block and lesson 12's copy of it are two classes (each lesson file is
+        # whole), and a model loaded with trust_remote_code has its own copy of the class too.
+        self.blocks = [m for m in model.modules() if type(m).__name__ == "SparseMoeBlock"]
         if not self.blocks:
             raise ValueError(f"ExpertLoad needs a model with SparseMoeBlock layers; {type(model).__name__} has none.")
         num_experts = self.blocks[0].router.num_experts
@@ -38,9 +40,12 @@ class ExpertLoad:
         self._handles = [block.register_forward_hook(self._count(i)) for i, block in enumerate(self.blocks)]
 
     def _count(self, layer: int):
-        def hook(module: SparseMoeBlock, args, output) -> None:
+        def hook(module: nn.Module, args, output: tuple[torch.Tensor, torch.Tensor]) -> None:
             if module.training:
-                self.counts[layer] += module.tokens_per_expert.to(self.counts.device)
+                _, router_logits = output  # (N, E)
+                chosen = router_logits.detach().topk(module.router.top_k, dim=-1).indices  # (N, k)
+                counts = torch.bincount(chosen.reshape(-1), minlength=module.router.num_experts)
+                self.counts[layer] += counts.to(self.counts.device)
 
         return hook
 

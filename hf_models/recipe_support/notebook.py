@@ -7,6 +7,7 @@ cell. :func:`show` does both: it always leaves the file, and in a Jupyter kernel
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .arguments import NOTEBOOK_ARGS_VARIABLE, in_notebook
@@ -63,22 +64,28 @@ def execute_recipe_notebook(
     return output
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
+@dataclass
+class NotebookArguments:
+    """``python -m hf_models.recipe_support.notebook --recipes recipes/NN_name.py ...``: each recipe -> OUTPUT_DIR/NN_name.ipynb."""
 
-    parser = argparse.ArgumentParser(description="Execute recipes as notebooks: recipes/NN_name.py -> OUTPUT_DIR/NN_name.ipynb.")
-    parser.add_argument("recipes", nargs="+")
-    parser.add_argument("--output_dir", default="notebooks")
-    parser.add_argument("--recipe_args", default="", help="flags passed to every recipe (e.g. '--max_steps 20')")
-    parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
-    args = parser.parse_args(argv)
+    recipes: list[str] = field(metadata={"help": "Recipes to execute as notebooks (recipes/NN_name.py)."})
+    output_dir: str = field(default="notebooks", metadata={"help": "Where the executed notebooks go."})
+    recipe_args: str = field(default="", metadata={"help": "Flags passed to every recipe, as one string (e.g. '--max_steps 20')."})
+    timeout: int = field(default=3600, metadata={"help": "Seconds per cell."})
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(NotebookArguments, description="Execute recipes as notebooks, with their outputs and plots.")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     for recipe in args.recipes:
         output = Path(args.output_dir) / (Path(recipe).stem + ".ipynb")
         print(f"{recipe} -> {output}", flush=True)
         execute_recipe_notebook(recipe, output, args.recipe_args, timeout=args.timeout)
 
 
-__all__ = ["execute_recipe_notebook", "recipe_notebook", "show"]
+__all__ = ["NotebookArguments", "execute_recipe_notebook", "recipe_notebook", "show"]
 
 
 if __name__ == "__main__":

@@ -128,6 +128,17 @@ def check_output_dir(output_dir: str) -> None:
         )
 
 
+def global_batch_size(training_args: TrainingArguments) -> int:
+    """Sequences per optimizer step, over every process: per device x accumulation steps x processes.
+
+    The one place the recipes, ``Trainer``'s set-up and lesson 7's loop compute it. Under
+    ``accelerate launch --num_processes N`` each process reads ``per_device_train_batch_size``
+    sequences per micro-batch, so a count that leaves out ``world_size`` (the number of processes)
+    is the batch of one process only, ``N`` times too small.
+    """
+    return training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+
+
 def launched_world_size() -> int:
     """How many processes the launcher started (``WORLD_SIZE``, set by ``accelerate launch`` and ``torchrun``)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

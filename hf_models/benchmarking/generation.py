@@ -1,0 +1,140 @@
+"""Lesson 6's generation-timing harness: the five ways to generate, the model and prompts they run on,
+and what a KV cache costs in memory.
+
+``recipes/06_kv_cache.py`` (the lesson: same tokens five ways, one timing table) and
+``benchmarks/kv_cache.py`` (the full harness: per-step clocks over long sequences, a larger model,
+several batch sizes, the targets) both import it from here, so the lesson's claims and the
+benchmark's numbers come from the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache, StoppingCriteriaList
+
+from ..causal_lm import CACHE_FIELD
+from ..configuration_modern import ModernDecoderConfig
+from ..kv_cache import GrowingKVCache, StaticKVCache
+from ..modeling_modern import ModernDecoderForCausalLM
+from .step_clock import StepClock
+
+PROMPT_TEXT = (
+    "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+    "Arise, fair sun, and kill the envious moon,\nWho is already sick and pale with grief.\n"
+)
+# Lesson 5's default model (recipes/05_modern_gpt.py), used with random weights when no trained folder exists.
+LESSON5_SIZE = dict(vocab_size=2048, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, hidden_size=192)
+
+# ----------------------------------------------------------------------------- the five ways to generate
+
+# name -> make_cache(model, max_cache_len): the `past_key_values` generate() gets, a fresh one per
+# call. `None` means no cache at all (use_cache=False): every step re-reads the whole sequence.
+CACHES: dict[str, Callable | None] = {
+    "no cache": None,
+    "GrowingKVCache": lambda model, max_len: GrowingKVCache(num_layers=model.config.num_hidden_layers),  # generate()'s default
+    "StaticKVCache": lambda model, max_len: StaticKVCache(max_cache_len=max_len, num_layers=model.config.num_hidden_layers),
+    "DynamicCache": lambda model, max_len: DynamicCache(config=model.config),
+    "StaticCache": lambda model, max_len: StaticCache(config=model.config, max_cache_len=max_len),
+}
+HAND_WRITTEN = ("GrowingKVCache", "StaticKVCache")
+
+
+def cache_kwargs(model, make_cache: Callable | None, max_cache_len: int) -> dict:
+    """generate() arguments for one variant: a fresh cache, or no cache at all."""
+    return dict(use_cache=False) if make_cache is None else {CACHE_FIELD: make_cache(model, max_cache_len)}
+
+
+def greedy(model, prompt: torch.LongTensor, total_tokens: int, make_cache: Callable | None) -> torch.LongTensor:
+    """Greedy generation from ``prompt`` (B, P) to exactly (B, total_tokens) with one variant."""
+    ids = model.generate(prompt, max_new_tokens=total_tokens - prompt.shape[1], do_sample=False,
+                         **cache_kwargs(model, make_cache, total_tokens))
+    if ids.shape[1] != total_tokens:
+        raise RuntimeError(f"generation stopped at {ids.shape[1]} tokens, expected {total_tokens} (an EOS?)")
+    return ids
+
+
+def clocked_generate(model, prompt: torch.LongTensor, total_tokens: int, make_cache: Callable | None) -> tuple[torch.LongTensor, list[float]]:
+    """:func:`greedy`, with a :class:`StepClock` as stopping criterion: the ids and each step's seconds.
+
+    generate() calls the clock once per new token, after appending it, so step ``i`` is the time
+    to reach length ``prompt + 1 + i`` (the first step includes the prompt's forward).
+    """
+    kwargs = cache_kwargs(model, make_cache, total_tokens)
+    clock = StepClock()
+    clock.start()
+    ids = model.generate(prompt, max_new_tokens=total_tokens - prompt.shape[1], do_sample=False,
+                         stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
+    if ids.shape[1] != total_tokens:
+        raise RuntimeError(f"generation stopped at {ids.shape[1]} tokens, expected {total_tokens} (an EOS?)")
+    return ids, clock.step_seconds
+
+
+# ----------------------------------------------------------------------------- the model and its prompts
+
+
+def lesson_model(model_folder: str, max_length: int, seed: int):
+    """``(description, model, tokenizer or None)``: lesson 5's trained model with its context raised
+    to ``max_length``, else a random model of its default size."""
+    folder = Path(model_folder)
+    if (folder / "config.json").exists():
+        # Rotary positions are computed, not looked up, so the model accepts a longer context as is
+        # (its text past the context it was trained on is another matter; speed is what we measure).
+        model = AutoModelForCausalLM.from_pretrained(folder, max_position_embeddings=max_length)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+        description = f"lesson 5's trained model ({folder})"
+    else:
+        print(f"{folder} does not exist (run recipes/05_modern_gpt.py to train it): using a randomly initialised "
+              f"model of lesson 5's default size instead.")
+        torch.manual_seed(seed)
+        model = ModernDecoderForCausalLM(ModernDecoderConfig(max_position_embeddings=max_length, **LESSON5_SIZE))
+        tokenizer, description = None, "lesson 5's size, random weights"
+    model.eval()
+    # Generate exactly to total_tokens. (And no pad_token_id: generate() would mask every prompt
+    # token that happens to equal it as padding.)
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = None
+    return description, model, tokenizer
+
+
+def prompts(tokenizer, vocab_size: int, batch_size: int, length: int, seed: int) -> torch.LongTensor:
+    """(B, P) prompts: windows of a Shakespeare passage if there is a tokenizer, random ids otherwise."""
+    if tokenizer is None:
+        return torch.randint(0, vocab_size, (batch_size, length), generator=torch.Generator().manual_seed(seed))
+    ids = tokenizer(PROMPT_TEXT)["input_ids"]
+    ids = (ids * (1 + (length + batch_size) // len(ids)))[: length + batch_size]  # repeat if the passage is short
+    return torch.tensor([ids[row : row + length] for row in range(batch_size)])  # row b starts b tokens in
+
+
+# ----------------------------------------------------------------------------- what the cache costs in memory
+
+
+def kv_cache_bytes(config, tokens: int, kv_heads: int | None = None, bytes_per_number: int = 4) -> int:
+    """2 x layers x kv_heads x head_dim x tokens x bytes, for one sequence."""
+    kv_heads = config.num_key_value_heads if kv_heads is None else kv_heads
+    return 2 * config.num_hidden_layers * kv_heads * config.head_dim * tokens * bytes_per_number
+
+
+def kv_cache_memory(config, tokens: int) -> dict[str, int]:
+    """fp32 cache bytes per token and per ``tokens``-token sequence, and what they would be without GQA."""
+    return dict(
+        bytes_per_token=kv_cache_bytes(config, 1),
+        bytes_per_sequence=kv_cache_bytes(config, tokens),
+        bytes_per_sequence_without_gqa=kv_cache_bytes(config, tokens, kv_heads=config.num_attention_heads),
+    )
+
+
+__all__ = [
+    "CACHES",
+    "HAND_WRITTEN",
+    "LESSON5_SIZE",
+    "PROMPT_TEXT",
+    "cache_kwargs",
+    "clocked_generate",
+    "greedy",
+    "kv_cache_bytes",
+    "kv_cache_memory",
+    "lesson_model",
+    "prompts",
+]
