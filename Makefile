@@ -32,7 +32,7 @@ NOT_LOCKED := ^(torch|triton|pytorch-triton|nvidia[-_][^=@ ]+|cuda[-_][^=@ ]+) ?
 run_tests = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(1)/bin/python -m pytest $(PYTEST_ARGS)
 freeze = $(1)/bin/python -m pip freeze --exclude-editable | grep -viE '$(NOT_LOCKED)'
 
-.PHONY: demo test test-latest lock lessons leaderboard notebooks bench clean check-copies fix-copies
+.PHONY: demo test test-latest lock lessons cards leaderboard notebooks bench clean check-copies fix-copies
 
 # A changed lock reinstalls too: pip moves every installed release to its pin.
 $(STAMP): pyproject.toml $(LOCK)
@@ -71,11 +71,26 @@ lock:
 	  $(call freeze,$(LOCK_FROM)); } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 
-# Every lesson with its defaults (about an hour and a half on 2 CPU cores), then the README's lesson
-# table and plot from what they wrote (runs/<lesson>/results.json).
+# Every lesson with its defaults (about an hour and a half on 2 CPU cores), then the committed model
+# cards and the README's lesson table and plot from what they wrote (runs/<lesson>/).
 lessons: $(STAMP)
 	for recipe in recipes/[0-9][0-9]_*.py; do $(BIN)/python $$recipe || exit 1; done
-	$(MAKE) leaderboard
+	$(MAKE) cards leaderboard
+
+# The committed cards, model_cards/<card>.md, copied from the saved folders of finished runs
+# (runs/<lesson>/<model>/README.md). A run writes only under its --output_dir; this is the one step
+# that writes into the source tree. Each entry is <lesson>/<model folder>:<card>; a lesson not run yet
+# is listed and skipped.
+CARDS := 01_bigram/bigram-shakespeare:bigram 02_ngram_mlp/ngram-mlp-shakespeare:ngram_mlp 03_gru/gru-shakespeare:gru \
+	04_gpt/gpt-shakespeare:gpt 05_modern_gpt/modern-gpt-shakespeare:modern_gpt 07_training/gpt-shakespeare-tuned:gpt_tuned \
+	08_lora_sft/lora-sft-shakespeare:lora_sft 10_moe/moe-shakespeare:moe 11_dpo/dpo-shakespeare:dpo
+RUNS ?= runs
+cards:
+	@for entry in $(CARDS); do \
+		card=$(RUNS)/$${entry%%:*}/README.md; \
+		if [ -f "$$card" ]; then cp "$$card" model_cards/$${entry##*:}.md && echo "model_cards/$${entry##*:}.md <- $$card"; \
+		else echo "skipped model_cards/$${entry##*:}.md: no $$card (run its recipe first)"; fi; \
+	done
 
 leaderboard: $(STAMP)
 	$(BIN)/python -m hf_models.experiments.leaderboard

@@ -43,7 +43,6 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
     defaults=dict(
         output_dir="runs/01_bigram",
         model_name="bigram-shakespeare",
-        card_copy="model_cards/bigram.md",
         block_size=256,
         max_steps=1000,
         per_device_train_batch_size=32,

@@ -47,7 +47,6 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
     defaults=dict(
         output_dir="runs/02_ngram_mlp",
         model_name="ngram-mlp-shakespeare",
-        card_copy="model_cards/ngram_mlp.md",
         block_size=128,
         max_steps=800,
         per_device_train_batch_size=16,

@@ -43,7 +43,6 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
     defaults=dict(
         output_dir="runs/03_gru",
         model_name="gru-shakespeare",
-        card_copy="model_cards/gru.md",
         block_size=64,
         max_steps=600,
         per_device_train_batch_size=32,

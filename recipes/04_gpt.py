@@ -55,7 +55,6 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
     defaults=dict(
         output_dir="runs/04_gpt",
         model_name="gpt-shakespeare",
-        card_copy="model_cards/gpt.md",
         **DECODER_TRAINING_DEFAULTS,
     ),
 )

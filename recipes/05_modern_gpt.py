@@ -54,7 +54,6 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
     defaults=dict(
         output_dir="runs/05_modern_gpt",
         model_name="modern-gpt-shakespeare",
-        card_copy="model_cards/modern_gpt.md",
         **DECODER_TRAINING_DEFAULTS,
     ),
 )

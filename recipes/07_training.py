@@ -123,7 +123,7 @@ def plot(results: dict, path: Path) -> None:
 # %%
 args, data_args, lesson_args, training_args = parse_lesson_args(
     TrainingLessonArguments,
-    defaults=dict(output_dir="runs/07_training", model_name="gpt-shakespeare-tuned", card_copy="model_cards/gpt_tuned.md", **TUNED_TRAINING),
+    defaults=dict(output_dir="runs/07_training", model_name="gpt-shakespeare-tuned", **TUNED_TRAINING),
 )
 output_dir = Path(training_args.output_dir)
 machine = describe_machine().to_dict()

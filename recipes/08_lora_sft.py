@@ -69,7 +69,7 @@ use_passive_omp_wait()
 args, data_args, lesson_args, training_args = parse_lesson_args(
     LoRAArguments,
     defaults=dict(
-        output_dir="runs/08_lora_sft", model_name="lora-sft-shakespeare", card_copy="model_cards/lora_sft.md",
+        output_dir="runs/08_lora_sft", model_name="lora-sft-shakespeare",
         max_steps=300, per_device_train_batch_size=16, learning_rate=3e-3, warmup_steps=20,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs='{"min_lr": 3e-4}', weight_decay=0.0,
         max_grad_norm=1.0, logging_steps=25, bf16=True,  # trl's default precision, for both runs

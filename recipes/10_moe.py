@@ -178,7 +178,7 @@ def plot_expert_load(runs: dict, path: Path) -> None:
 use_passive_omp_wait()
 args, data_args, lesson_args, training_args = parse_lesson_args(
     MoEArguments,
-    defaults=dict(output_dir="runs/10_moe", model_name="moe-shakespeare", card_copy="model_cards/moe.md", **MOE_TRAINING),
+    defaults=dict(output_dir="runs/10_moe", model_name="moe-shakespeare", **MOE_TRAINING),
 )
 output_dir = Path(training_args.output_dir)
 

@@ -99,7 +99,7 @@ use_passive_omp_wait()  # on a shared machine, OpenMP threads that spin penalise
 args, data_args, lesson_args, training_args = parse_lesson_args(
     DPOArguments,
     defaults=dict(
-        output_dir="runs/11_dpo", model_name="dpo-shakespeare", card_copy="model_cards/dpo.md",
+        output_dir="runs/11_dpo", model_name="dpo-shakespeare",
         max_steps=300, per_device_train_batch_size=8, learning_rate=1e-4, warmup_steps=10,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs='{"min_lr": 1e-5}', weight_decay=0.0,
         max_grad_norm=1.0, logging_steps=10, eval_steps=50, per_device_eval_batch_size=16,

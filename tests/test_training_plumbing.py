@@ -18,7 +18,7 @@ import pytest
 from transformers import AutoTokenizer, TrainingArguments, pipeline
 
 from hf_models.conversion import export_for_serving
-from hf_models.files import atomic, save_folder_atomically, write_json_atomically
+from hf_models.files import SAVE_MARKER, atomic, save_folder_atomically, write_json_atomically
 from hf_models.recipe_support import (
     DataArguments,
     DecoderArguments,
@@ -70,6 +70,7 @@ def test_atomic_folder_has_the_permissions_of_a_plain_write(umask, tokenizer, tm
 
     atomic_modes = modes(tmp_path / "atomic" / "model")
     plain_modes = modes(tmp_path / "plain")
+    assert atomic_modes.pop(SAVE_MARKER) == 0o666 & ~umask  # the one file the atomic save adds: "a save wrote this folder"
     assert atomic_modes.keys() == plain_modes.keys()
     # Every file but model.safetensors keeps the mode a plain save_pretrained gives it; that one is
     # 0600 from safetensors whatever the umask, and the atomic save makes it a plain write's mode too.
@@ -114,24 +115,27 @@ def replace_mode(request, monkeypatch):
     return request.param
 
 
+def earlier_save(folder: Path) -> None:
+    """A folder as an earlier save left it: written by save_folder_atomically, holding old.txt."""
+    save_folder_atomically(folder, lambda tmp: (tmp / "old.txt").write_text("the previous run"))
+
+
 def test_replacing_a_folder_leaves_the_new_contents_and_no_temporary_folder(replace_mode, tokenizer, tmp_path):
     folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "old.txt").write_text("the previous run")
+    earlier_save(folder)
     model = tiny_decoder("zoo_gpt", len(tokenizer), max_position_embeddings=CONTEXT)
 
     save_folder_atomically(folder, model.save_pretrained)
 
     model.save_pretrained(tmp_path / "reference")
-    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (tmp_path / "reference").iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == sorted([SAVE_MARKER, *(p.name for p in (tmp_path / "reference").iterdir())])
     assert not (folder / "old.txt").exists()
     assert leftovers(tmp_path, "model") == ["reference"]
 
 
 def test_a_failure_inside_write_keeps_the_old_folder_and_leaves_no_temporary_folder(replace_mode, tmp_path):
     folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "old.txt").write_text("the previous run")
+    earlier_save(folder)
 
     def write(tmp: Path) -> None:
         (tmp / "model.safetensors").write_bytes(b"half a checkpoint")
@@ -139,7 +143,7 @@ def test_a_failure_inside_write_keeps_the_old_folder_and_leaves_no_temporary_fol
 
     with pytest.raises(RuntimeError, match="disk full"):
         save_folder_atomically(folder, write)
-    assert [p.name for p in folder.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == [SAVE_MARKER, "old.txt"]
     assert (folder / "old.txt").read_text() == "the previous run"
     assert leftovers(tmp_path, "model") == []
 

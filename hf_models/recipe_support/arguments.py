@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
+from ..files import batch_layout, check_batch_layout, lock_output_dir, resolve_checkpoint
+
 logger = logging.getLogger(__name__)
 
 
@@ -63,9 +65,12 @@ class DataArguments:
 @dataclass
 class LessonArguments:
     model_name: str = field(default="", metadata={"help": "Name of the saved model (folder name and card title)."})
-    card_copy: str = field(
-        default="",
-        metadata={"help": "Also write the model card to this path (the recipes default to model_cards/<model>.md)."},
+    card_copy: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also write the model card to this path. Unset by default: a run writes only under --output_dir "
+            "(`make cards` copies the cards of finished runs into model_cards/)."
+        },
     )
     sample_prompt: str = field(default="ROMEO:\n", metadata={"help": "Prompt for the generated sample."})
     sample_tokens: int = field(default=200, metadata={"help": "New tokens in the generated sample."})
@@ -126,6 +131,45 @@ def check_output_dir(output_dir: str) -> None:
             f"--output_dir {output_dir!r} {where}: it must be a folder, either existing or one that can be "
             f"created (runs/<lesson> by default)."
         )
+
+
+def check_model_name(model_name: str) -> None:
+    """Refuse a ``--model_name`` that is not one plain folder name.
+
+    The model is saved to ``<output_dir>/<model_name>``, replacing what was there. ``.`` and ``""``
+    would make that the output folder itself, ``..`` its parent, and ``/abs/path`` or ``a/b`` a
+    folder elsewhere: the save would replace a folder the user never named as the model's.
+    """
+    parts = Path(model_name).parts
+    if not model_name or model_name in (".", "..") or len(parts) != 1 or parts[0] != model_name or "\\" in model_name:
+        raise ValueError(
+            f"--model_name {model_name!r} is not allowed: it names the folder saved inside --output_dir, so it must "
+            f"be one plain folder name: not empty, not '.' or '..', without '/' or '\\'."
+        )
+
+
+def checkpoint_to_resume(resume_from_checkpoint: str | None) -> str | bool | None:
+    """``--resume_from_checkpoint`` as ``Trainer.train`` takes it: a folder, ``True`` (the latest
+    ``checkpoint-*`` in ``--output_dir``) for ``true``, or ``None`` (start afresh) for ``false``."""
+    if resume_from_checkpoint is None or resume_from_checkpoint.lower() in ("", "false"):
+        return None
+    return True if resume_from_checkpoint.lower() == "true" else resume_from_checkpoint
+
+
+def check_resume(training_args: TrainingArguments) -> None:
+    """Settle ``--resume_from_checkpoint`` before any work: a readable checkpoint, saved with this global batch.
+
+    ``true`` becomes the newest checkpoint that reads back whole (a damaged newer one is skipped, with
+    a warning); a named folder must read back whole. The checkpoint's recorded batch layout must be
+    this run's (``hf_models.files.checkpoints``). The resolved folder replaces the flag's value.
+    """
+    requested = checkpoint_to_resume(training_args.resume_from_checkpoint)
+    if requested is None:
+        return
+    folder = resolve_checkpoint(training_args.output_dir, requested)
+    check_batch_layout(folder, batch_layout(
+        training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps, training_args.world_size))
+    training_args.resume_from_checkpoint = str(folder)
 
 
 def global_batch_size(training_args: TrainingArguments) -> int:
@@ -216,7 +260,10 @@ def parse_lesson_args(
     namespace). The training side is set up for lessons: no reporting integrations, no
     checkpoints (the lesson saves its finished folder itself), evaluation every ``eval_steps``.
     ``--save_strategy steps --save_steps N`` turns checkpoints on, and ``--resume_from_checkpoint``
-    (a checkpoint folder, or ``true`` for the latest one in ``--output_dir``) continues from one.
+    (a checkpoint folder, or ``true`` for the latest one in ``--output_dir``) continues from one
+    (:func:`check_resume`). A recipe that names its model (``model_name`` in ``defaults``) gets
+    ``--model_name`` checked (:func:`check_model_name`). The first process then locks
+    ``--output_dir`` (``hf_models.files.lock_output_dir``), so that a second run on it fails at once.
     A model-arguments type with a ``sampling`` field (the decoder lessons) decides how
     ``--max_steps`` is checked; the others train on packed blocks. Seeds everything with ``--seed``.
 
@@ -224,9 +271,10 @@ def parse_lesson_args(
     then join one data-parallel job over gloo (see the module docstring), and ``--bf16`` autocasts on the CPU.
 
     Raises:
-        ValueError: ``--max_steps`` or ``--output_dir`` that cannot work (see :func:`check_max_steps`
-            and :func:`check_output_dir`).
-        RuntimeError: a multi-process launch whose processes would train separately (:func:`check_launch`).
+        ValueError: ``--max_steps``, ``--output_dir``, ``--model_name`` or ``--resume_from_checkpoint``
+            that cannot work (see the ``check_*`` functions above).
+        RuntimeError: a multi-process launch whose processes would train separately (:func:`check_launch`),
+            or another run holding ``--output_dir``.
     """
     parser = HfArgumentParser((model_arguments_type, DataArguments, LessonArguments, TrainingArguments))
     parser.set_defaults(
@@ -247,7 +295,12 @@ def parse_lesson_args(
     model_args, data_args, lesson_args, training_args = parser.parse_args_into_dataclasses(args=args if args is not None else recipe_argv())
     check_max_steps(training_args.max_steps, getattr(model_args, "sampling", "blocks"))
     check_output_dir(training_args.output_dir)
+    if "model_name" in defaults:  # the recipe saves a model folder named by it
+        check_model_name(lesson_args.model_name)
     check_launch(training_args)
+    check_resume(training_args)
+    if training_args.process_index == 0:
+        lock_output_dir(training_args.output_dir)
     lesson_args.push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     set_seed(training_args.seed)
     return model_args, data_args, lesson_args, training_args

@@ -18,9 +18,9 @@ import torch
 from huggingface_hub import HfApi
 from transformers import PreTrainedTokenizerFast, TrainingArguments, pipeline, set_seed
 
-from ..files import save_folder_atomically, write_json_atomically
+from ..files import SAVE_MARKER, save_folder_atomically, write_json_atomically
 from ..tokenization import tokenizer_for_saving
-from .arguments import DataArguments, LessonArguments
+from .arguments import DataArguments, LessonArguments, check_model_name
 from .model_card import build_model_card
 
 
@@ -45,7 +45,9 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | Non
     """
     api = HfApi(token=token)
     api.create_repo(repo_id, exist_ok=True, private=private)
-    return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload {Path(folder).name}").commit_url
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=folder, commit_message=f"Upload {Path(folder).name}", ignore_patterns=[SAVE_MARKER]
+    ).commit_url
 
 
 def finish_lesson(
@@ -58,7 +60,8 @@ def finish_lesson(
     card: dict,
 ) -> tuple[Path, dict]:
     """Save the model folder (weights, config, code, tokenizer, card) atomically, sample from it,
-    write ``results.json``, copy the card, and push to the Hub if ``--push_to_hub`` was given.
+    write ``results.json``, copy the card if ``--card_copy`` names a path, and push to the Hub if
+    ``--push_to_hub`` was given.
 
     The saved tokenizer's ``model_max_length`` is the model's context
     (``config.max_position_embeddings``), so ``pipeline`` and ``tokenizer(..., truncation=True)``
@@ -68,6 +71,7 @@ def finish_lesson(
     Prints the held-out bits per byte, where the model was saved and the sample; returns
     ``(folder, results)``.
     """
+    check_model_name(lesson_args.model_name)  # parse_lesson_args checked it already; a caller that built the args may not have
     output_dir = Path(training_args.output_dir)
     folder = output_dir / lesson_args.model_name
     if not training_args.process_index == 0:

@@ -20,18 +20,32 @@ a seeded random draw of exactly ``max_steps`` global batches.
 **Checkpoints.** ``--save_strategy steps --save_steps K`` writes ``checkpoint-<step>`` folders
 in ``--output_dir``, and ``--resume_from_checkpoint <folder>`` (or ``true``: the latest one)
 continues from one, with the optimizer, scheduler, RNG states and the position in the data.
+``parse_lesson_args`` has already checked that the checkpoint reads back whole and was saved with
+this run's global batch (each checkpoint records it: :class:`RecordBatchLayout`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments, default_data_collator
+from transformers import (
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    default_data_collator,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..evaluation import evaluate_splits, trainer_metric_functions
 from ..tokenization import check_tokenizer_matches_model
 from ..benchmarking import ThroughputCallback
-from .arguments import DataArguments, global_batch_size
+from ..files import batch_layout, write_batch_layout
+from .arguments import DataArguments, checkpoint_to_resume, global_batch_size
 from .lesson_data import LessonData
 
 # The decoder lessons' budget and optimisation, in one place because lessons 4 and 5 are compared
@@ -82,17 +96,23 @@ def build_trainer(
         data_collator=default_data_collator,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        callbacks=[throughput],
+        callbacks=[throughput, RecordBatchLayout()],
     )
     return trainer, throughput
 
 
-def checkpoint_to_resume(resume_from_checkpoint: str | None) -> str | bool | None:
-    """``--resume_from_checkpoint`` as ``Trainer.train`` takes it: a folder, ``True`` (the latest
-    ``checkpoint-*`` in ``--output_dir``) for ``true``, or ``None`` (start afresh) for ``false``."""
-    if resume_from_checkpoint is None or resume_from_checkpoint.lower() in ("", "false"):
-        return None
-    return True if resume_from_checkpoint.lower() == "true" else resume_from_checkpoint
+class RecordBatchLayout(TrainerCallback):
+    """Write ``batch_layout.json`` into every checkpoint ``Trainer`` saves.
+
+    ``Trainer`` records the per-device batch but neither the accumulation nor the number of
+    processes, and resumes under any of them; with the layout recorded, ``parse_lesson_args``
+    refuses a resume whose global batch differs (``hf_models.files.checkpoints``).
+    """
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            write_batch_layout(folder, batch_layout(args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size))
 
 
 def train_and_evaluate(

@@ -61,7 +61,7 @@ from transformers import TrainingArguments, default_data_collator
 
 from ..benchmarking import StepClock
 from ..evaluation import evaluate_blocks
-from ..files import save_folder_atomically
+from ..files import batch_layout, check_batch_layout, latest_checkpoint, resolve_checkpoint, save_folder_atomically, write_batch_layout
 from ..recipe_support.arguments import global_batch_size
 
 METRICS_FILE = "metrics.jsonl"
@@ -213,6 +213,11 @@ class GlobalBatches:
 # shared on the Hub is untrusted input. Every piece here is a tensor (safetensors) or plain JSON.
 # (``Trainer``'s checkpoints pickle the optimizer, scheduler and RNG states; the hand loop shows
 # that nothing forces it.)
+#
+# Resuming is refused rather than silently wrong (``hf_models.files.checkpoints``): a damaged file is
+# named (and ``resume_from_checkpoint=True`` falls back to the newest checkpoint that reads back whole),
+# and ``batch_layout.json`` records the global batch (processes x per-device batch x accumulation)
+# that the data position and schedule are counted in, so a resume with another one stops.
 
 
 MODEL_FILE = "model.safetensors"
@@ -291,12 +296,6 @@ def load_rng_state(folder: Path, rank: int) -> tuple[dict[str, torch.Tensor], di
     prefix = f"{rank}."
     tensors = {key[len(prefix):]: value for key, value in load_file(folder / RNG_TENSORS).items() if key.startswith(prefix)}
     return tensors, values[rank]
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The ``checkpoint-<step>`` folder with the highest step in ``output_dir``, if any."""
-    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(folders, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -433,10 +432,7 @@ class TrainingLoop:
     def train(self, resume_from_checkpoint: str | Path | bool | None = None) -> LoopResult:
         args, accelerator = self.args, self.accelerator
         if resume_from_checkpoint:
-            folder = latest_checkpoint(self.output_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
-            if folder is None:
-                raise ValueError(f"--resume_from_checkpoint: no checkpoint-<step> folder in {self.output_dir} to resume from.")
-            self.load_state(folder)
+            self.load_state(resolve_checkpoint(self.output_dir, resume_from_checkpoint))
         writer = self._tensorboard()
         main = accelerator.is_main_process
         progress = tqdm(total=args.max_steps, initial=self.step, disable=args.disable_tqdm or not main, desc="training")
@@ -512,14 +508,20 @@ class TrainingLoop:
                 save_optimizer(self.optimizer, tmp)
                 save_rng_states(rng_states, tmp)
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+                write_batch_layout(tmp, self.batch_layout())
 
             save_folder_atomically(folder, write)
         accelerator.wait_for_everyone()
 
+    def batch_layout(self) -> dict[str, int]:
+        """This run's global batch, as a checkpoint records it: processes x per-device batch x accumulation."""
+        return batch_layout(self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps, self.accelerator.num_processes)
+
     def load_state(self, folder: Path) -> None:
-        """Continue exactly where ``save_state`` stopped (same number of processes)."""
+        """Continue exactly where ``save_state`` stopped (the same global batch: see ``check_batch_layout``)."""
+        check_batch_layout(folder, self.batch_layout())
         state = json.loads((folder / STATE_FILE).read_text())
-        if state["num_processes"] != self.accelerator.num_processes:
+        if state["num_processes"] != self.accelerator.num_processes:  # a checkpoint saved before batch_layout.json
             raise ValueError(
                 f"{folder} was saved by {state['num_processes']} process(es); this run has {self.accelerator.num_processes}. "
                 f"Resume with the same number of processes (the data order and RNG streams are per process)."
