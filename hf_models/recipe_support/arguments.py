@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
+from .validation import check_model_folder, validate_lesson_args
+
 logger = logging.getLogger(__name__)
 
 
@@ -88,28 +90,6 @@ class DecoderArguments:
     export_for_serving: bool = field(
         default=True, metadata={"help": "Also save the model converted to GPT2LMHeadModel / LlamaForCausalLM."}
     )
-
-
-def check_max_steps(max_steps: int, sampling: str) -> None:
-    """Refuse a ``--max_steps`` that trains nothing or that the sampling mode cannot honour.
-
-    transformers reads ``max_steps <= 0`` as "train for ``num_train_epochs`` instead", and its
-    default is -1. That is meaningful for packed ``blocks`` (an epoch is one pass over them), so
-    ``-1`` stays allowed there. ``random_windows`` draws ``max_steps`` x global batch windows up
-    front and has no epoch to count, so it needs a positive number of steps. ``0`` or any other
-    negative value is always a mistake: Trainer would silently train for epochs instead.
-    """
-    if sampling == "random_windows":
-        if not isinstance(max_steps, int) or max_steps <= 0:
-            raise ValueError(
-                f"--max_steps {max_steps} cannot be used with --sampling random_windows: the training set is "
-                f"max_steps x global batch random windows, so --max_steps must be a positive integer."
-            )
-    elif not isinstance(max_steps, int) or (max_steps <= 0 and max_steps != -1):
-        raise ValueError(
-            f"--max_steps {max_steps} is not allowed: pass a positive integer (the number of optimizer steps), "
-            f"or -1 to train for --num_train_epochs passes over the packed blocks."
-        )
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -224,8 +204,9 @@ def parse_lesson_args(
     then join one data-parallel job over gloo (see the module docstring), and ``--bf16`` autocasts on the CPU.
 
     Raises:
-        ValueError: ``--max_steps`` or ``--output_dir`` that cannot work (see :func:`check_max_steps`
-            and :func:`check_output_dir`).
+        ValueError: a flag that cannot work, naming it, its value and what is allowed
+            (:func:`check_output_dir` and ``validation.validate_lesson_args``: counts, learning rate,
+            steps and epochs, an ``--output_dir`` that cannot be written).
         RuntimeError: a multi-process launch whose processes would train separately (:func:`check_launch`).
     """
     parser = HfArgumentParser((model_arguments_type, DataArguments, LessonArguments, TrainingArguments))
@@ -245,8 +226,8 @@ def parse_lesson_args(
         **defaults,
     )
     model_args, data_args, lesson_args, training_args = parser.parse_args_into_dataclasses(args=args if args is not None else recipe_argv())
-    check_max_steps(training_args.max_steps, getattr(model_args, "sampling", "blocks"))
     check_output_dir(training_args.output_dir)
+    validate_lesson_args(model_args, data_args, lesson_args, training_args)
     check_launch(training_args)
     lesson_args.push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     set_seed(training_args.seed)

@@ -1,0 +1,79 @@
+"""Every mistake named before the first step: flags and folders that cannot work are refused up
+front, with the flag, the value and what is allowed (``hf_models/recipe_support/validation.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from transformers import TrainingArguments
+
+from hf_models.recipe_support import DataArguments, DecoderArguments, parse_lesson_args, prepare_lesson_data
+
+
+@dataclass
+class BlocksModelArguments:
+    """Model arguments without a ``sampling`` field, as in lessons 1-3 (packed blocks)."""
+
+    hidden_size: int = 8
+
+
+def parse(tmp_path: Path, *flags: str, model_arguments_type: type = BlocksModelArguments):
+    return parse_lesson_args(model_arguments_type, defaults=dict(output_dir=str(tmp_path / "run")), args=list(flags))
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0 is not allowed"),
+        (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size 0 is not allowed"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0 is not allowed"),
+        (["--max_eval_tokens", "0"], "--max_eval_tokens 0 is not allowed"),
+        (["--max_eval_tokens", "1"], "--max_eval_tokens 1 is not allowed"),
+        (["--block_size", "0"], "--block_size 0 is not allowed"),
+        (["--learning_rate", "-0.001"], "--learning_rate -0.001 is not allowed"),
+        (["--learning_rate", "0"], "--learning_rate 0 is not allowed"),
+        (["--max_steps", "-1", "--num_train_epochs", "0"], "--max_steps -1 --num_train_epochs 0 trains nothing"),
+    ],
+)
+def test_flags_that_cannot_work_are_refused_by_name(flags, expected, tmp_path):
+    with pytest.raises(ValueError) as error:
+        parse(tmp_path, *flags)
+    message = str(error.value)
+    assert expected in message and ("at least" in message or "positive" in message)
+    assert "num_samples" not in message
+
+
+def test_random_windows_check_counts_too(tmp_path):
+    with pytest.raises(ValueError, match="--per_device_train_batch_size 0 is not allowed.*at least 1"):
+        parse(tmp_path, "--per_device_train_batch_size", "0", model_arguments_type=DecoderArguments)
+
+
+def test_reasonable_flags_pass(tmp_path):
+    *_, data_args, _, training_args = parse(tmp_path, "--max_eval_tokens", "2", "--learning_rate", "1e-3", "--max_steps", "-1",
+                                            "--num_train_epochs", "0.5")
+    assert (data_args.max_eval_tokens, training_args.num_train_epochs) == (2, 0.5)
+    assert (tmp_path / "run").is_dir() and not list((tmp_path / "run").iterdir()), "the write check leaves nothing behind"
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_training(tmp_path):
+    unwritable = "/proc/hf_models_cannot_write_here/run"  # not even root can create folders in /proc
+    with pytest.raises(ValueError) as error:
+        parse(tmp_path, "--output_dir", unwritable)
+    message = str(error.value)
+    assert f"--output_dir {unwritable!r} cannot be written" in message and "Pass a folder you can write to" in message
+
+
+def test_a_sample_prompt_longer_than_the_context_is_refused_before_training(tmp_path):
+    text = tmp_path / "plays.txt"
+    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 20)
+    data_args = DataArguments(dataset="text", data_files=[str(text)], block_size=7)
+    training_args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, report_to="none")
+    with pytest.raises(ValueError) as error:
+        prepare_lesson_data(data_args, training_args, "char", sampling="random_windows", sample_prompt="ROMEO:\n")
+    message = str(error.value)
+    assert "--sample_prompt 'ROMEO:\\n' is 7 tokens" in message and "--block_size 7" in message
+    data = prepare_lesson_data(DataArguments(dataset="text", data_files=[str(text)], block_size=8), training_args, "char",
+                               sampling="random_windows", sample_prompt="ROMEO:\n")
+    assert len(data.tokenizer("ROMEO:\n")["input_ids"]) == 7
