@@ -3,13 +3,19 @@ front, with the flag, the value and what is allowed (``hf_models/recipe_support/
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from transformers import TrainingArguments
 
-from hf_models.recipe_support import DataArguments, DecoderArguments, parse_lesson_args, prepare_lesson_data
+from hf_models.recipe_support import DataArguments, DecoderArguments, find_model_folder, parse_lesson_args, prepare_lesson_data
+from hf_models.recipe_support.validation import check_model_folder
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -77,3 +83,66 @@ def test_a_sample_prompt_longer_than_the_context_is_refused_before_training(tmp_
     data = prepare_lesson_data(DataArguments(dataset="text", data_files=[str(text)], block_size=8), training_args, "char",
                                sampling="random_windows", sample_prompt="ROMEO:\n")
     assert len(data.tokenizer("ROMEO:\n")["input_ids"]) == 7
+
+
+# ----------------------------------------------------------------------------- saved model folders
+
+
+@pytest.fixture
+def saved_model(tmp_path) -> Path:
+    """A complete tiny model folder: config.json, model.safetensors, tokenizer files."""
+    from hf_models.tokenization import build_char_tokenizer
+    from tests.helpers import tiny_decoder
+
+    folder = tmp_path / "model"
+    tiny_decoder("zoo_modern", vocab_size=32).save_pretrained(folder)
+    build_char_tokenizer("ROMEO: but soft\n").save_pretrained(folder)
+    return folder
+
+
+def refusal(folder: Path, **kwargs) -> str:
+    with pytest.raises(ValueError) as error:
+        check_model_folder(folder, "--base_model", **kwargs)
+    return str(error.value)
+
+
+def test_a_complete_model_folder_passes(saved_model):
+    assert check_model_folder(saved_model, "--base_model") == saved_model
+    assert find_model_folder(str(saved_model.parent), "--base_model", "recipes/05_modern_gpt.py") == saved_model
+
+
+def test_model_folder_refusals_name_the_flag_the_folder_and_the_file(saved_model, tmp_path):
+    assert "--base_model" in refusal(tmp_path / "missing") and "is not a folder" in refusal(tmp_path / "missing")
+
+    (saved_model / "tokenizer.json").unlink()
+    (saved_model / "tokenizer_config.json").unlink()
+    message = refusal(saved_model)
+    assert f"--base_model {str(saved_model)!r} holds a model but no tokenizer" in message and "tokenizer.json" in message
+    assert "sentencepiece" not in message
+    assert check_model_folder(saved_model, "--model_folder", tokenizer=False) == saved_model
+
+    weights = saved_model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])
+    message = refusal(saved_model, tokenizer=False)
+    assert f"{str(weights)!r} is truncated" in message and f"the file has {len(data) - 100}" in message
+    weights.write_bytes(data[:4])
+    assert "not even the 8-byte header length" in refusal(saved_model, tokenizer=False)
+    weights.unlink()
+    assert "holds config.json but no weights" in refusal(saved_model, tokenizer=False)
+
+    (saved_model / "config.json").write_text("{}")
+    assert "config.json has no model_type" in refusal(saved_model, tokenizer=False)
+    (saved_model / "config.json").unlink()
+    message = refusal(saved_model, tokenizer=False)
+    assert f"--base_model {str(saved_model)!r} holds no model: config.json is missing" in message
+
+
+@pytest.mark.parametrize(("recipe", "flag"), [("06_kv_cache", "--model_folder"), ("09_quantization", "--model")])
+def test_lessons_that_load_a_model_refuse_a_folder_without_one(recipe, flag, tmp_path):
+    """Lesson 6 used to time random weights for a mistyped --model_folder, or one without config.json."""
+    for folder in (tmp_path / "typo", tmp_path):
+        command = [sys.executable, str(REPO / "recipes" / f"{recipe}.py"), flag, str(folder), "--output_dir", str(tmp_path / "run")]
+        result = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and f"{flag} {str(folder)!r}" in result.stderr, result.stderr[-3000:]
+        assert "random" not in result.stdout

@@ -238,15 +238,19 @@ def find_model_folder(path: str, flag: str, recipe: str) -> Path:
     """The saved model a fine-tuning lesson starts from: ``path`` itself when it holds ``config.json``,
     else its one sub-folder that does (a run folder such as ``runs/05_modern_gpt``).
 
+    The folder is then checked (:func:`~.validation.check_model_folder`): weights present and whole,
+    a tokenizer beside them.
+
     Raises:
-        ValueError: no model there (naming ``flag`` and the ``recipe`` that writes one), or several.
+        ValueError: no model there (naming ``flag`` and the ``recipe`` that writes one), several, or a
+            model folder with a file missing or cut short (naming the file).
     """
     folder = Path(path)
     if (folder / "config.json").exists():
-        return folder
+        return check_model_folder(folder, flag)
     candidates = sorted(p.parent for p in folder.glob("*/config.json")) if folder.is_dir() else []
     if len(candidates) == 1:
-        return candidates[0]
+        return check_model_folder(candidates[0], flag)
     several = f", but several: {[str(c) for c in candidates]}" if candidates else ""
     raise ValueError(
         f"{flag} {path!r} holds no model folder (a folder with config.json){several}. "

@@ -166,3 +166,13 @@ def check_model_folder(folder: str | os.PathLike, flag: str, tokenizer: bool = T
             f"(save the tokenizer with the model: tokenizer.save_pretrained(folder))."
         )
     return path
+
+
+def lesson5_model_folder(path: str, default: str, flag: str) -> Path | None:
+    """The folder lesson 6 (and its benchmark) times, checked; ``None`` (time random weights of lesson 5's
+    size) only when ``path`` is the default and lesson 5 has not been run yet, which is said out loud."""
+    if path == default and not Path(path).exists():
+        print(f"{flag} {path!r} does not exist yet (python recipes/05_modern_gpt.py trains it): timing a randomly "
+              f"initialised model of lesson 5's default size instead.")
+        return None
+    return check_model_folder(path, flag, tokenizer=False)
