@@ -3,6 +3,7 @@ front, with the flag, the value and what is allowed (``hf_models/recipe_support/
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -146,3 +147,27 @@ def test_lessons_that_load_a_model_refuse_a_folder_without_one(recipe, flag, tmp
         result = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and f"{flag} {str(folder)!r}" in result.stderr, result.stderr[-3000:]
         assert "random" not in result.stdout
+
+
+# ----------------------------------------------------------------------------- library log lines
+
+
+def test_a_library_warning_in_a_loop_is_shown_once(caplog):
+    """Lesson 9 printed bitsandbytes' MatMul8bitLt cast warning at every int8 forward (13,048 times)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from hf_models.library_logs import quiet_library_logs
+
+    quiet_library_logs()  # what ``import hf_models`` runs
+    layer = bnb.nn.Linear8bitLt(16, 16, bias=False, has_fp16_weights=False).to("cpu").eval()
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        for _ in range(20):
+            layer(torch.randn(2, 16))
+    casts = [r for r in caplog.records if "MatMul8bitLt: inputs will be cast" in r.getMessage()]
+    assert len(casts) == 1
+
+
+def test_the_missing_kernels_package_line_is_not_printed_by_a_recipe():
+    result = subprocess.run([sys.executable, str(REPO / "recipes" / "01_bigram.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Failed to load CPU gemm_4bit_forward" not in result.stderr
