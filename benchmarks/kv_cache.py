@@ -57,8 +57,11 @@ from transformers import HfArgumentParser
 from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
 from hf_models.benchmarking import InterleavedTimings, describe_machine, time_interleaved, use_passive_omp_wait
 # Lesson 6's harness: the five variants, the model and its prompts. The lesson shows them; this script measures them harder.
-from hf_models.benchmarking.generation import CACHES, HAND_WRITTEN, clocked_generate, greedy, kv_cache_memory, lesson_model, prompts
+from hf_models.benchmarking.generation import (
+    CACHES, HAND_WRITTEN, LESSON5_FOLDER, clocked_generate, greedy, kv_cache_memory, lesson_model, prompts,
+)
 from hf_models.files import write_json_atomically
+from hf_models.recipe_support.validation import lesson5_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = 16  # plotted and "at end" speeds: median over this many consecutive steps (robust to a stalled step)
@@ -68,8 +71,8 @@ CACHED = [name for name, make_cache in CACHES.items() if make_cache is not None]
 @dataclass
 class KVCacheBenchmarkArguments:
     model_folder: str = field(
-        default="runs/05_modern_gpt/modern-gpt-shakespeare",
-        metadata={"help": "Lesson 5's trained model; a random model of its default size is used if it is missing."},
+        default=LESSON5_FOLDER,
+        metadata={"help": "Lesson 5's trained model; a random model of its size is timed if the default folder is missing."},
     )
     output_dir: str = field(default=str(REPO / "benchmarks" / "results"), metadata={"help": "Where kv_cache.json and .png go."})
     prompt_tokens: int = field(default=32, metadata={"help": "Prompt length."})
@@ -281,7 +284,8 @@ def main() -> None:
           + (f"timed at {args.no_cache_samples} lengths and interpolated (marked *)." if args.no_cache_samples
              else "generated token by token."))
 
-    models = [lambda: lesson_model(args.model_folder, args.total_tokens, args.seed)]
+    folder = lesson5_model_folder(args.model_folder, LESSON5_FOLDER, "--model_folder")
+    models = [lambda: lesson_model(folder, args.total_tokens, args.seed)]
     models += [] if args.skip_large else [lambda: large_model(args)]
     results, timings, memory, large_label = {}, {}, {}, None
     start = time.perf_counter()

@@ -26,6 +26,10 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from .library_logs import quiet_library_logs
+
+quiet_library_logs()  # bitsandbytes' warnings once each, before Trainer's import of peft imports it (library_logs.py)
+
 from .configuration_bigram import BigramConfig
 from .configuration_configurable import ConfigurableDecoderConfig
 from .configuration_gpt import GPTConfig

@@ -74,11 +74,11 @@ def require_probability(config: Any, field: str) -> None:
 
 
 # Copied from hf_models.configuration_gpt.require_divisible
-def require_divisible(config: Any, field: str, divisor_field: str) -> None:
-    """Raise if ``config.<field>`` is not a multiple of ``config.<divisor_field>``."""
+def require_divisible(config: Any, field: str, divisor_field: str, why: str = "") -> None:
+    """Raise if ``config.<field>`` is not a multiple of ``config.<divisor_field>``, saying ``why`` it must be."""
     value, divisor = getattr(config, field), getattr(config, divisor_field)
     if value % divisor != 0:
-        raise ValueError(f"{type(config).__name__}.{field}={value} must be divisible by {divisor_field}={divisor}.")
+        raise ValueError(f"{type(config).__name__}.{field}={value} must be divisible by {divisor_field}={divisor}{why}.")
 
 
 # Copied from hf_models.configuration_moe.require_moe_routing
@@ -105,6 +105,22 @@ def require_moe_routing(config: Any) -> None:
 def default_intermediate_size(hidden_size: int, feed_forward: str) -> int:
     """GPT-2's 4x for a GELU MLP; LLaMA's 8/3x (rounded up to a multiple of 32) for SwiGLU and its experts."""
     return 4 * hidden_size if feed_forward == "gelu" else swiglu_intermediate_size(hidden_size)
+
+
+# Copied from hf_models.configuration_modern.HEAD_DIM_FROM_WIDTH
+HEAD_DIM_FROM_WIDTH = " (head_dim, when not given, is hidden_size / num_attention_heads); pass head_dim to set it apart"
+
+
+# Copied from hf_models.configuration_modern.require_even_head_dim
+def require_even_head_dim(config: Any, why: str = "for rotary embeddings") -> None:
+    """Raise if ``config.head_dim`` is odd (RoPE rotates features in pairs), naming the fields that set it."""
+    if config.head_dim % 2:
+        if config.head_dim * config.num_attention_heads == config.hidden_size:
+            source = (f" = hidden_size {config.hidden_size} / num_attention_heads {config.num_attention_heads}: choose a "
+                      f"hidden_size and num_attention_heads whose quotient is even, or pass an even head_dim")
+        else:
+            source = " (given as head_dim): pass an even head_dim"
+        raise ValueError(f"{type(config).__name__}.head_dim must be even {why}, got {config.head_dim}{source}.")
 
 
 class ConfigurableDecoderConfig(PreTrainedConfig):
@@ -201,6 +217,7 @@ class ConfigurableDecoderConfig(PreTrainedConfig):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = heads
         if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(heads, int) and heads > 0:
+            require_divisible(self, "hidden_size", "num_attention_heads", HEAD_DIM_FROM_WIDTH)
             self.head_dim = self.hidden_size // heads
         if self.router_aux_loss_coef is None:
             self.router_aux_loss_coef = 0.01 if self.feed_forward == "moe" else 0.0
@@ -240,8 +257,8 @@ class ConfigurableDecoderConfig(PreTrainedConfig):
             require_choice(self, name, (True, False))
         require_probability(self, "dropout")
         require_probability(self, "attention_dropout")
-        if self.positions == "rope" and self.head_dim % 2:
-            raise ValueError(f"ConfigurableDecoderConfig.head_dim must be even for positions='rope', got {self.head_dim}.")
+        if self.positions == "rope":
+            require_even_head_dim(self, "for positions='rope'")
         require_moe_routing(self)
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             value = getattr(self, name)

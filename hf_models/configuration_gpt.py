@@ -39,11 +39,11 @@ def require_probability(config: Any, field: str) -> None:
         raise ValueError(f"{type(config).__name__}.{field} must be a number in [0, 1), got {value!r}.")
 
 
-def require_divisible(config: Any, field: str, divisor_field: str) -> None:
-    """Raise if ``config.<field>`` is not a multiple of ``config.<divisor_field>``."""
+def require_divisible(config: Any, field: str, divisor_field: str, why: str = "") -> None:
+    """Raise if ``config.<field>`` is not a multiple of ``config.<divisor_field>``, saying ``why`` it must be."""
     value, divisor = getattr(config, field), getattr(config, divisor_field)
     if value % divisor != 0:
-        raise ValueError(f"{type(config).__name__}.{field}={value} must be divisible by {divisor_field}={divisor}.")
+        raise ValueError(f"{type(config).__name__}.{field}={value} must be divisible by {divisor_field}={divisor}{why}.")
 
 
 class GPTConfig(PreTrainedConfig):
@@ -104,7 +104,7 @@ class GPTConfig(PreTrainedConfig):
         """Fail on values the model cannot be built with, naming the field (also runs on `from_pretrained`)."""
         for name in ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             require_positive_int(self, name)
-        require_divisible(self, "hidden_size", "num_attention_heads")
+        require_divisible(self, "hidden_size", "num_attention_heads", ": every head gets hidden_size / num_attention_heads features")
         require_choice(self, "hidden_act", GELU_ACTIVATIONS)
         require_choice(self, "kv_cache", KV_CACHE_TYPES)
         require_probability(self, "dropout")

@@ -45,11 +45,25 @@ def require_probability(config: Any, field: str) -> None:
 
 
 # Copied from hf_models.configuration_gpt.require_divisible
-def require_divisible(config: Any, field: str, divisor_field: str) -> None:
-    """Raise if ``config.<field>`` is not a multiple of ``config.<divisor_field>``."""
+def require_divisible(config: Any, field: str, divisor_field: str, why: str = "") -> None:
+    """Raise if ``config.<field>`` is not a multiple of ``config.<divisor_field>``, saying ``why`` it must be."""
     value, divisor = getattr(config, field), getattr(config, divisor_field)
     if value % divisor != 0:
-        raise ValueError(f"{type(config).__name__}.{field}={value} must be divisible by {divisor_field}={divisor}.")
+        raise ValueError(f"{type(config).__name__}.{field}={value} must be divisible by {divisor_field}={divisor}{why}.")
+
+
+HEAD_DIM_FROM_WIDTH = " (head_dim, when not given, is hidden_size / num_attention_heads); pass head_dim to set it apart"
+
+
+def require_even_head_dim(config: Any, why: str = "for rotary embeddings") -> None:
+    """Raise if ``config.head_dim`` is odd (RoPE rotates features in pairs), naming the fields that set it."""
+    if config.head_dim % 2:
+        if config.head_dim * config.num_attention_heads == config.hidden_size:
+            source = (f" = hidden_size {config.hidden_size} / num_attention_heads {config.num_attention_heads}: choose a "
+                      f"hidden_size and num_attention_heads whose quotient is even, or pass an even head_dim")
+        else:
+            source = " (given as head_dim): pass an even head_dim"
+        raise ValueError(f"{type(config).__name__}.head_dim must be even {why}, got {config.head_dim}{source}.")
 
 
 class ModernDecoderConfig(PreTrainedConfig):
@@ -109,6 +123,8 @@ class ModernDecoderConfig(PreTrainedConfig):
             heads = self.num_attention_heads
             self.num_key_value_heads = heads // 2 if heads % 2 == 0 else heads
         if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+            # A floored quotient would leave hidden_size != heads x head_dim: the Llama export could not take it.
+            require_divisible(self, "hidden_size", "num_attention_heads", HEAD_DIM_FROM_WIDTH)
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
         self.validate_architecture()
@@ -121,8 +137,7 @@ class ModernDecoderConfig(PreTrainedConfig):
         ):
             require_positive_int(self, name)
         require_divisible(self, "num_attention_heads", "num_key_value_heads")
-        if self.head_dim % 2:
-            raise ValueError(f"ModernDecoderConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        require_even_head_dim(self)
         require_choice(self, "kv_cache", KV_CACHE_TYPES)
         require_probability(self, "dropout")
         require_probability(self, "attention_dropout")

@@ -63,7 +63,8 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
 # ## 1. Data: corpus, tokenizer (characters for --dataset text, else the lesson-2 BPE), training windows.
 
 # %%
-data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling)
+data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling,
+                           sample_prompt=lesson_args.sample_prompt)  # the context is --block_size
 
 # %% [markdown]
 # ## 2. The model: token + learned position embeddings -> pre-LN attention/MLP blocks -> tied LM head.

@@ -62,7 +62,8 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
 # ## 1. Data: the same corpus, tokenizer and sampling as lesson 4.
 
 # %%
-data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling)
+data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling,
+                           sample_prompt=lesson_args.sample_prompt)  # the context is --block_size
 
 # %% [markdown]
 # ## 2. The model: token embedding -> RMSNorm / GQA+RoPE / SwiGLU blocks -> tied LM head.

@@ -77,16 +77,17 @@ from hf_models.benchmarking import describe_machine, quartiles, time_interleaved
 # The five ways to generate (no cache, GrowingKVCache and StaticKVCache from hf_models/kv_cache.py,
 # transformers' DynamicCache and StaticCache), lesson 5's model, its prompts and the memory formula
 # above: the harness this lesson shares with benchmarks/kv_cache.py.
-from hf_models.benchmarking.generation import CACHES, HAND_WRITTEN, greedy, kv_cache_memory, lesson_model, prompts
+from hf_models.benchmarking.generation import CACHES, HAND_WRITTEN, LESSON5_FOLDER, greedy, kv_cache_memory, lesson_model, prompts
 from hf_models.files import write_json_atomically
 from hf_models.recipe_support import recipe_argv, show
+from hf_models.recipe_support.validation import check_output_dir_writable, lesson5_model_folder
 
 
 @dataclass
 class KVCacheArguments:
     model_folder: str = field(
-        default="runs/05_modern_gpt/modern-gpt-shakespeare",
-        metadata={"help": "Lesson 5's trained model; a random model of its default size is used if it is missing."},
+        default=LESSON5_FOLDER,
+        metadata={"help": "Lesson 5's trained model; a random model of its size is timed if the default folder is missing."},
     )
     output_dir: str = field(default="runs/06_kv_cache", metadata={"help": "Where the plot and results.json go."})
     prompt_tokens: int = field(default=32, metadata={"help": "Prompt length."})
@@ -127,13 +128,15 @@ if args.threads:
     torch.set_num_threads(args.threads)
 torch.set_grad_enabled(False)
 output_dir = Path(args.output_dir)
+check_output_dir_writable(args.output_dir)  # before the timing, not after it
 new_tokens = args.total_tokens - args.prompt_tokens
 
 # %% [markdown]
 # ## 1. Lesson 5's model, and what its cache costs in memory (fp32), with and without GQA.
 
 # %%
-description, model, tokenizer = lesson_model(args.model_folder, args.total_tokens, args.seed)
+folder = lesson5_model_folder(args.model_folder, LESSON5_FOLDER, "--model_folder")  # refuses a folder without a model
+description, model, tokenizer = lesson_model(folder, args.total_tokens, args.seed)
 config = model.config
 memory = kv_cache_memory(config, args.total_tokens)
 print(f"{description}: {config.num_hidden_layers} layers, {config.num_attention_heads} query heads, "

@@ -132,7 +132,8 @@ machine = describe_machine().to_dict()
 # ## 1. Data: lesson 4's corpus, BPE tokenizer and random training windows.
 
 # %%
-data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling)
+data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling,
+                           sample_prompt=lesson_args.sample_prompt)  # the context is --block_size
 train_ids = split_token_ids(data.corpus["train"], data.tokenizer)
 
 def windows(steps: int, batch: int) -> RandomWindows:

@@ -46,7 +46,8 @@ from hf_models.evaluation import evaluate_token_stream
 from hf_models.files import save_folder_atomically, write_json_atomically
 from hf_models.int8 import DEFAULT_THRESHOLD, Int8Linear, absmax_quantize, llm_int8_matmul, outlier_columns, w8a8_matmul
 from hf_models.tokenization import token_byte_lengths
-from hf_models.recipe_support import DataArguments, build_model_card, load_lesson_corpus, recipe_argv
+from hf_models.recipe_support import DataArguments, build_model_card, find_model_folder, load_lesson_corpus, recipe_argv
+from hf_models.recipe_support.validation import check_counts, check_output_dir_writable
 
 
 @dataclass
@@ -202,9 +203,9 @@ def llama_cpp_row(model, tokenizer, texts: list[str], prompt_texts: list[str], n
 args, data_args = HfArgumentParser((QuantizationArguments, DataArguments)).parse_args_into_dataclasses(args=recipe_argv())
 torch.set_num_threads(args.threads)
 torch.set_grad_enabled(False)
-folder, output_dir = Path(args.model), Path(args.output_dir)
-if not (folder / "config.json").exists():
-    sys.exit(f"{folder} holds no model. Train lesson 5's first (python recipes/05_modern_gpt.py), or pass --model FOLDER.")
+folder, output_dir = find_model_folder(args.model, "--model", "recipes/05_modern_gpt.py"), Path(args.output_dir)
+check_counts(data_args)  # --max_eval_tokens
+check_output_dir_writable(args.output_dir)
 
 # %% [markdown]
 # ## 1. Data: the held-out split of the corpus the model was trained on, and a fixed prompt set.

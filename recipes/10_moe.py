@@ -186,7 +186,8 @@ output_dir = Path(training_args.output_dir)
 # ## 1. Data: the lessons' corpus, BPE tokenizer and random windows; every run sees the same batches.
 
 # %%
-data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling)
+data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling,
+                           sample_prompt=lesson_args.sample_prompt)  # the context is --block_size
 
 # %% [markdown]
 # ## 2. The models: one attention stack, two feed-forwards of equal active width.

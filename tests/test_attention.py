@@ -9,6 +9,7 @@ written out by hand, and the SDPA ``is_causal`` fast path when there is no paddi
 
 from __future__ import annotations
 
+import functools
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,22 @@ def test_attention_validates_head_counts():
     with pytest.raises(ValueError, match="divisible by num_attention_heads"):
         hf_models.GPTConfig(hidden_size=30, num_attention_heads=4)
 
+
+
+@pytest.mark.parametrize("config_type", ["ModernDecoderConfig", "MoEDecoderConfig", "ConfigurableDecoderConfig"])
+def test_rotary_configs_name_the_width_and_heads_behind_head_dim(config_type):
+    """hidden_size 36 over 8 heads once floored head_dim to 4 (the Llama export then failed); an odd
+    head_dim was reported as head_dim, a field the recipes' flags never set."""
+    config_class = getattr(hf_models, config_type)
+    if config_type == "ConfigurableDecoderConfig":
+        config_class = functools.partial(config_class, positions="rope")
+    with pytest.raises(ValueError, match=r"hidden_size=36 must be divisible by num_attention_heads=8 \(head_dim"):
+        config_class(hidden_size=36, num_attention_heads=8, num_key_value_heads=8)
+    with pytest.raises(ValueError, match=r"head_dim must be even .*got 7 = hidden_size 56 / num_attention_heads 8"):
+        config_class(hidden_size=56, num_attention_heads=8, num_key_value_heads=8)
+    with pytest.raises(ValueError, match=r"got 7 \(given as head_dim\)"):
+        config_class(hidden_size=64, num_attention_heads=8, num_key_value_heads=8, head_dim=7)
+    assert config_class(hidden_size=36, num_attention_heads=6, num_key_value_heads=6).head_dim == 6
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_matches_llama_attention(implementation):

@@ -91,6 +91,23 @@ def test_recipe_runs_and_saves_a_complete_folder(name, small_text_file, tmp_path
         assert (output_dir / "expert_load.png").stat().st_size > 0
 
 
+
+@pytest.mark.parametrize(
+    ("name", "flags", "message"),
+    [
+        ("01_bigram", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0 is not allowed"),
+        ("04_gpt", ["--block_size", "4", "--hidden_size", "32", "--num_hidden_layers", "1"], "--block_size 4 (the model's context)"),
+    ],
+)
+def test_recipe_refuses_a_flag_that_cannot_work_before_training(name, flags, message, small_text_file, tmp_path):
+    """A mistake that used to surface after minutes of training (or after the save) stops the recipe first."""
+    command = [sys.executable, str(REPO / "recipes" / f"{name}.py"), "--dataset", "text", "--data_files", str(small_text_file),
+               "--output_dir", str(tmp_path / "run"), "--max_steps", "2", *flags]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODELS_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
+    assert "train_runtime" not in result.stdout + result.stderr and not list((tmp_path / "run").glob("*/config.json"))
+
 def test_recipe_runs_under_accelerate_launch(small_text_file, tmp_path):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate, "accelerate's launcher is installed with the package"

@@ -9,6 +9,7 @@ benchmark's numbers come from the same code.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,9 @@ PROMPT_TEXT = (
     "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
     "Arise, fair sun, and kill the envious moon,\nWho is already sick and pale with grief.\n"
 )
-# Lesson 5's default model (recipes/05_modern_gpt.py), used with random weights when no trained folder exists.
+# Lesson 5's default model (recipes/05_modern_gpt.py): where it saves it, and its size, used with
+# random weights when that folder does not exist yet.
+LESSON5_FOLDER = "runs/05_modern_gpt/modern-gpt-shakespeare"
 LESSON5_SIZE = dict(vocab_size=2048, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, hidden_size=192)
 
 # ----------------------------------------------------------------------------- the five ways to generate
@@ -75,19 +78,19 @@ def clocked_generate(model, prompt: torch.LongTensor, total_tokens: int, make_ca
 # ----------------------------------------------------------------------------- the model and its prompts
 
 
-def lesson_model(model_folder: str, max_length: int, seed: int):
-    """``(description, model, tokenizer or None)``: lesson 5's trained model with its context raised
-    to ``max_length``, else a random model of its default size."""
-    folder = Path(model_folder)
-    if (folder / "config.json").exists():
+def lesson_model(model_folder: str | os.PathLike | None, max_length: int, seed: int):
+    """``(description, model, tokenizer or None)``: the trained model in ``model_folder`` (lesson 5's)
+    with its context raised to ``max_length``, or, for ``None``, a random model of lesson 5's
+    default size. The callers decide which (``recipe_support.validation.lesson5_model_folder``):
+    random weights only when lesson 5 has not been run, never for a folder that was named wrong."""
+    if model_folder is not None:
+        folder = Path(model_folder)
         # Rotary positions are computed, not looked up, so the model accepts a longer context as is
         # (its text past the context it was trained on is another matter; speed is what we measure).
         model = AutoModelForCausalLM.from_pretrained(folder, max_position_embeddings=max_length)
         tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
         description = f"lesson 5's trained model ({folder})"
     else:
-        print(f"{folder} does not exist (run recipes/05_modern_gpt.py to train it): using a randomly initialised "
-              f"model of lesson 5's default size instead.")
         torch.manual_seed(seed)
         model = ModernDecoderForCausalLM(ModernDecoderConfig(max_position_embeddings=max_length, **LESSON5_SIZE))
         tokenizer, description = None, "lesson 5's size, random weights"
@@ -135,6 +138,7 @@ __all__ = [
     "greedy",
     "kv_cache_bytes",
     "kv_cache_memory",
+    "LESSON5_FOLDER",
     "lesson_model",
     "prompts",
 ]

@@ -30,6 +30,8 @@ Where the lessons' own pieces live:
 * measuring (the benchmark timer, the step clock, lesson 6's generation harness, training memory):
   ``hf_models/benchmarking/``.
 
+* ``validation.py``: every mistake named before the first step (flags, output folder, saved model folders).
+
 Saved models never import this package; it is for the recipes only.
 """
 

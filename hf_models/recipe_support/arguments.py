@@ -32,6 +32,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from ..files import batch_layout, check_batch_layout, lock_output_dir, resolve_checkpoint
+from .validation import check_model_folder, validate_lesson_args
 
 logger = logging.getLogger(__name__)
 
@@ -93,28 +94,6 @@ class DecoderArguments:
     export_for_serving: bool = field(
         default=True, metadata={"help": "Also save the model converted to GPT2LMHeadModel / LlamaForCausalLM."}
     )
-
-
-def check_max_steps(max_steps: int, sampling: str) -> None:
-    """Refuse a ``--max_steps`` that trains nothing or that the sampling mode cannot honour.
-
-    transformers reads ``max_steps <= 0`` as "train for ``num_train_epochs`` instead", and its
-    default is -1. That is meaningful for packed ``blocks`` (an epoch is one pass over them), so
-    ``-1`` stays allowed there. ``random_windows`` draws ``max_steps`` x global batch windows up
-    front and has no epoch to count, so it needs a positive number of steps. ``0`` or any other
-    negative value is always a mistake: Trainer would silently train for epochs instead.
-    """
-    if sampling == "random_windows":
-        if not isinstance(max_steps, int) or max_steps <= 0:
-            raise ValueError(
-                f"--max_steps {max_steps} cannot be used with --sampling random_windows: the training set is "
-                f"max_steps x global batch random windows, so --max_steps must be a positive integer."
-            )
-    elif not isinstance(max_steps, int) or (max_steps <= 0 and max_steps != -1):
-        raise ValueError(
-            f"--max_steps {max_steps} is not allowed: pass a positive integer (the number of optimizer steps), "
-            f"or -1 to train for --num_train_epochs passes over the packed blocks."
-        )
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -271,8 +250,10 @@ def parse_lesson_args(
     then join one data-parallel job over gloo (see the module docstring), and ``--bf16`` autocasts on the CPU.
 
     Raises:
-        ValueError: ``--max_steps``, ``--output_dir``, ``--model_name`` or ``--resume_from_checkpoint``
-            that cannot work (see the ``check_*`` functions above).
+        ValueError: a flag that cannot work, naming it, its value and what is allowed
+            (:func:`check_output_dir`, :func:`check_model_name`, :func:`check_resume` and
+            ``validation.validate_lesson_args``: counts, learning rate, steps and epochs, an
+            ``--output_dir`` that cannot be written).
         RuntimeError: a multi-process launch whose processes would train separately (:func:`check_launch`),
             or another run holding ``--output_dir``.
     """
@@ -293,10 +274,10 @@ def parse_lesson_args(
         **defaults,
     )
     model_args, data_args, lesson_args, training_args = parser.parse_args_into_dataclasses(args=args if args is not None else recipe_argv())
-    check_max_steps(training_args.max_steps, getattr(model_args, "sampling", "blocks"))
     check_output_dir(training_args.output_dir)
     if "model_name" in defaults:  # the recipe saves a model folder named by it
         check_model_name(lesson_args.model_name)
+    validate_lesson_args(model_args, data_args, lesson_args, training_args)
     check_launch(training_args)
     check_resume(training_args)
     if training_args.process_index == 0:
@@ -310,15 +291,19 @@ def find_model_folder(path: str, flag: str, recipe: str) -> Path:
     """The saved model a fine-tuning lesson starts from: ``path`` itself when it holds ``config.json``,
     else its one sub-folder that does (a run folder such as ``runs/05_modern_gpt``).
 
+    The folder is then checked (:func:`~.validation.check_model_folder`): weights present and whole,
+    a tokenizer beside them.
+
     Raises:
-        ValueError: no model there (naming ``flag`` and the ``recipe`` that writes one), or several.
+        ValueError: no model there (naming ``flag`` and the ``recipe`` that writes one), several, or a
+            model folder with a file missing or cut short (naming the file).
     """
     folder = Path(path)
     if (folder / "config.json").exists():
-        return folder
+        return check_model_folder(folder, flag)
     candidates = sorted(p.parent for p in folder.glob("*/config.json")) if folder.is_dir() else []
     if len(candidates) == 1:
-        return candidates[0]
+        return check_model_folder(candidates[0], flag)
     several = f", but several: {[str(c) for c in candidates]}" if candidates else ""
     raise ValueError(
         f"{flag} {path!r} holds no model folder (a folder with config.json){several}. "

@@ -25,7 +25,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, TrainingArgumen
 from ..data import RandomWindows, load_corpus, pack_for_causal_lm, split_token_ids
 from ..files import cache_dir, save_folder_atomically
 from ..tokenization import ByteLevelBPE, build_char_tokenizer, token_byte_lengths
-from .arguments import DataArguments, check_max_steps, global_batch_size
+from .arguments import DataArguments, global_batch_size
+from .validation import check_max_steps, check_sample_prompt_fits
 
 
 def load_lesson_corpus(data_args: DataArguments) -> DatasetDict:
@@ -75,6 +76,7 @@ def prepare_lesson_data(
     vocab_size: int = 2048,
     sampling: str = "blocks",
     retrain_tokenizer: bool = False,
+    sample_prompt: str = "",
 ) -> LessonData:
     """Corpus -> tokenizer -> training examples.
 
@@ -85,16 +87,20 @@ def prepare_lesson_data(
         sampling: "blocks" (packed, fixed boundaries) or "random_windows" (nanoGPT's sampling, with
             ``training_args.max_steps`` x the global batch windows).
         retrain_tokenizer: train the BPE even when a cached one exists (lesson 2 times it).
+        sample_prompt: for a model whose context is ``--block_size``, the ``--sample_prompt`` to check
+            fits in it with room to generate (the sample is drawn after training and saving).
     """
     if sampling not in ("blocks", "random_windows"):
         raise ValueError(f"sampling (--sampling) must be one of ['blocks', 'random_windows'], got {sampling!r}.")
     if tokenizer_kind not in ("auto", "char", "bpe"):
         raise ValueError(f"tokenizer_kind (--tokenizer) must be one of ['auto', 'char', 'bpe'], got {tokenizer_kind!r}.")
-    check_max_steps(training_args.max_steps, sampling)
+    check_max_steps(training_args.max_steps, sampling, training_args.num_train_epochs)
     with training_args.main_process_first(desc="preparing the lesson's data"):
         # The other processes read what the main one just cached, even for lesson 2's timed retraining.
         retrain_tokenizer = retrain_tokenizer and training_args.local_process_index == 0
-        return _prepare_lesson_data(data_args, training_args, tokenizer_kind, vocab_size, sampling, retrain_tokenizer)
+        data = _prepare_lesson_data(data_args, training_args, tokenizer_kind, vocab_size, sampling, retrain_tokenizer)
+    check_sample_prompt_fits(data.tokenizer, sample_prompt, data_args.block_size)
+    return data
 
 
 def _prepare_lesson_data(
