@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from hf_models.adapters import LoRAConfig, apply_lora, lora_to_peft, merge_lora, save_lora, trainable_parameters
@@ -54,7 +54,7 @@ from hf_models.recipe_support import (
     load_lesson_corpus,
     parse_lesson_args,
 )
-from hf_models.tokenization import token_byte_lengths
+from hf_models.tokenization import load_tokenizer_for, token_byte_lengths
 from hf_models.training.loop import TrainingLoop
 
 BASE_RECIPE = "recipes/05_modern_gpt.py"
@@ -92,7 +92,7 @@ base_folder = find_model_folder(args.base_model, "--base_model", BASE_RECIPE)
 # ## 1. Data: conversations through the chat template; the answers carry the loss.
 
 # %%
-tokenizer = add_chat_template(AutoTokenizer.from_pretrained(base_folder))
+tokenizer = add_chat_template(load_tokenizer_for(base_folder))  # refused if it is not the base's tokenizer
 tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
 data = load_instruction_data(args.instruction_data)  # refuses a dataset without messages / prompt+completion, by name
 if "messages" not in data["train"].column_names:
