@@ -93,6 +93,7 @@ base_folder = find_model_folder(args.base_model, "--base_model", BASE_RECIPE)
 
 # %%
 tokenizer = add_chat_template(load_tokenizer_for(base_folder))  # refused if it is not the base's tokenizer
+tokenizer.padding_side = "right"  # training batches pad after the answer; the saved copy pads left, for generation
 tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
 data = load_instruction_data(args.instruction_data)  # refuses a dataset without messages / prompt+completion, by name
 if "messages" not in data["train"].column_names:
