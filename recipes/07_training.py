@@ -50,6 +50,7 @@ from hf_models.recipe_support import (
     DECODER_TRAINING_DEFAULTS,
     DecoderArguments,
     build_trainer,
+    choose_bf16,
     evaluate_splits,
     finish_lesson,
     global_batch_size,
@@ -86,8 +87,7 @@ TUNED_TRAINING = dict(
     learning_rate=2e-3,
     warmup_steps=100,
     lr_scheduler_kwargs='{"min_lr": 1e-4}',
-    bf16=True,
-    eval_steps=600,
+    eval_steps=600,  # precision: choose_bf16 (bf16 autocast where this CPU measures it faster, or --bf16)
 )
 
 
@@ -126,7 +126,9 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
     defaults=dict(output_dir="runs/07_training", model_name="gpt-shakespeare-tuned", **TUNED_TRAINING),
 )
 output_dir = Path(training_args.output_dir)
-machine = describe_machine().to_dict()
+machine = describe_machine()
+precision = choose_bf16(training_args, machine)  # --bf16 wins; else bf16 only where measured faster here
+machine = machine.to_dict()
 
 # %% [markdown]
 # ## 1. Data: lesson 4's corpus, BPE tokenizer and random training windows.

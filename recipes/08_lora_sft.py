@@ -39,15 +39,22 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from hf_models.adapters import LoRAConfig, apply_lora, lora_to_peft, merge_lora, save_lora, trainable_parameters
 from hf_models.benchmarking import ThroughputCallback, describe_machine, use_passive_omp_wait
 from hf_models.data import add_chat_template, load_instruction_data, score_next_lines
 from hf_models.evaluation import evaluate_splits, generate_answers, response_loss, tokenize_conversation
-from hf_models.recipe_support import finish_lesson, find_model_folder, global_batch_size, load_lesson_corpus, parse_lesson_args
-from hf_models.tokenization import token_byte_lengths
+from hf_models.recipe_support import (
+    choose_bf16,
+    find_model_folder,
+    finish_lesson,
+    global_batch_size,
+    load_lesson_corpus,
+    parse_lesson_args,
+)
+from hf_models.tokenization import load_tokenizer_for, token_byte_lengths
 from hf_models.training.loop import TrainingLoop
 
 BASE_RECIPE = "recipes/05_modern_gpt.py"
@@ -72,18 +79,21 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
         output_dir="runs/08_lora_sft", model_name="lora-sft-shakespeare",
         max_steps=300, per_device_train_batch_size=16, learning_rate=3e-3, warmup_steps=20,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs='{"min_lr": 3e-4}', weight_decay=0.0,
-        max_grad_norm=1.0, logging_steps=25, bf16=True,  # trl's default precision, for both runs
+        max_grad_norm=1.0, logging_steps=25,  # precision: choose_bf16, the same for both runs
         sample_prompt="", sample_tokens=40, max_eval_tokens=20_000,
     ),
 )
 output_dir = Path(training_args.output_dir)
+machine = describe_machine()
+precision = choose_bf16(training_args, machine)  # trl's default is bf16; here only where measured faster, or --bf16
 base_folder = find_model_folder(args.base_model, "--base_model", BASE_RECIPE)
 
 # %% [markdown]
 # ## 1. Data: conversations through the chat template; the answers carry the loss.
 
 # %%
-tokenizer = add_chat_template(AutoTokenizer.from_pretrained(base_folder))
+tokenizer = add_chat_template(load_tokenizer_for(base_folder))  # refused if it is not the base's tokenizer
+tokenizer.padding_side = "right"  # training batches pad after the answer; the saved copy pads left, for generation
 tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
 data = load_instruction_data(args.instruction_data)  # refuses a dataset without messages / prompt+completion, by name
 if "messages" not in data["train"].column_names:
@@ -118,7 +128,7 @@ def evaluate(model: torch.nn.Module) -> dict:
 def load_base() -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(base_folder)
 
-results: dict = {"machine": describe_machine().to_dict(), "base_model": str(base_folder), "before": evaluate(load_base())}
+results: dict = {"machine": machine.to_dict(), "precision": precision, "base_model": str(base_folder), "before": evaluate(load_base())}
 
 # 3a. trl's SFTTrainer + peft LoRA: every linear layer of the decoder, the tied LM head left alone.
 lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, HfArgumentParser
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, HfArgumentParser
 
 from hf_models import ZooInt8Config
 from hf_models.benchmarking import PairedRatio, describe_machine, time_interleaved
@@ -45,7 +45,7 @@ from hf_models.data import split_token_ids
 from hf_models.evaluation import evaluate_token_stream
 from hf_models.files import save_folder_atomically, write_json_atomically
 from hf_models.int8 import DEFAULT_THRESHOLD, Int8Linear, absmax_quantize, llm_int8_matmul, outlier_columns, w8a8_matmul
-from hf_models.tokenization import token_byte_lengths
+from hf_models.tokenization import load_tokenizer_for, token_byte_lengths, tokenizer_for_saving
 from hf_models.recipe_support import DataArguments, build_model_card, find_model_folder, load_lesson_corpus, recipe_argv
 from hf_models.recipe_support.validation import check_counts, check_output_dir_writable
 
@@ -211,7 +211,7 @@ check_output_dir_writable(args.output_dir)
 # ## 1. Data: the held-out split of the corpus the model was trained on, and a fixed prompt set.
 
 # %%
-tokenizer = AutoTokenizer.from_pretrained(folder)
+tokenizer = load_tokenizer_for(folder)  # refused if it is not the model's tokenizer
 corpus = load_lesson_corpus(data_args)
 split = "test" if "test" in corpus else "validation"
 stream = split_token_ids(corpus[split], tokenizer)
@@ -323,10 +323,11 @@ card = build_model_card(
     "have no LLM.int8()-style outlier features. Int8 weights are frozen (train adapters beside them).",
     tags=["int8", "quantization", "llm.int8"],
 )
+saved_tokenizer = tokenizer_for_saving(tokenizer, saved)  # context, padding, and the record in saved.config
 
 def write(tmp: Path) -> None:
     saved.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    saved_tokenizer.save_pretrained(tmp)
     card.save(tmp / "README.md")
 
 int8_folder = save_folder_atomically(output_dir / args.model_name, write)

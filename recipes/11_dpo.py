@@ -40,7 +40,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 from trl import DPOConfig, DPOTrainer
 
 from hf_models.alignment import DPOTrainingLoop, check_dpo_settings, evaluate_preferences, pair_token_count, tokenize_preference_pair
@@ -48,7 +48,7 @@ from hf_models.benchmarking import ThroughputCallback, describe_machine, time_in
 from hf_models.data import add_chat_template, load_corpus, load_preference_data
 from hf_models.evaluation import evaluate_splits
 from hf_models.recipe_support import find_model_folder, finish_lesson, global_batch_size, parse_lesson_args, show
-from hf_models.tokenization import token_byte_lengths
+from hf_models.tokenization import load_tokenizer_for, token_byte_lengths
 
 SFT_RECIPE = "recipes/08_lora_sft.py"
 CURVES = ("rewards/accuracies", "rewards/margins")
@@ -114,7 +114,7 @@ sft_folder = find_model_folder(args.sft_model, "--sft_model", SFT_RECIPE)
 # ## 1. Data: preference pairs, rendered by the SFT model's chat template and tokenized as trl does.
 
 # %%
-tokenizer = AutoTokenizer.from_pretrained(sft_folder)
+tokenizer = load_tokenizer_for(sft_folder)  # refused if it is not the SFT model's tokenizer
 if tokenizer.chat_template is None:
     add_chat_template(tokenizer)  # a pretrained-only model (e.g. lesson 5's) gets the zoo's template
 tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token

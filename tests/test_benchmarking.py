@@ -7,12 +7,14 @@ import ast
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from hf_models.benchmarking import PairedRatio, describe_machine, quartiles, time_interleaved
+from hf_models.benchmarking import PairedRatio, bf16_autocast_pays, describe_machine, machine, matmul_probe, quartiles, time_interleaved
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,6 +107,64 @@ def test_machine_description_without_the_peak_probe():
     assert description.torch_threads >= 1 and description.versions["torch"]
     assert description.matmul_peak_gflops == {}
     assert description.to_dict()["cpu"] == description.cpu and description.cpu in description.summary()
+
+
+def fake_matmuls(monkeypatch, seconds_per_flop: float) -> list[tuple[int, int]]:
+    """Replace the probe's matmuls by a machine doing ``1 / seconds_per_flop`` FLOP/s; returns the (size, rounds) asked for."""
+    calls: list[tuple[int, int]] = []
+
+    def matmul_seconds(dtype, size, rounds):
+        calls.append((size, rounds))
+        return [2 * size**3 * seconds_per_flop] * rounds
+
+    monkeypatch.setattr(machine, "_matmul_seconds", matmul_seconds)
+    return calls
+
+
+def test_probe_grows_until_a_matmul_takes_50_ms(monkeypatch):
+    calls = fake_matmuls(monkeypatch, 1 / 10e9)  # 10 GFLOP/s: 512^2 takes 27 ms, 1024^2 takes 215 ms
+    flops, size = matmul_probe(torch.float32)
+    assert [s for s, _ in calls] == [64, 64, 128, 128, 256, 256, 512, 512, 1024, 1024] and size == 1024
+    assert flops == pytest.approx(10e9)
+
+
+def test_probe_stays_within_its_budget_on_a_slow_machine(monkeypatch):
+    """A CPU emulating bf16 (AVX2 only: one 2048^2 matmul took 120 s) is probed in under a second, not minutes."""
+    calls = fake_matmuls(monkeypatch, 120 / (2 * 2048**3))
+    flops, size = matmul_probe(torch.bfloat16)
+    spent = sum(2 * s**3 * 120 / (2 * 2048**3) * rounds for s, rounds in calls)
+    # 128^2 takes 29 ms; 256^2 (235 ms, four calls) would overrun the budget, so the probe stops at 128.
+    assert spent <= machine.PROBE_BUDGET_SECONDS and size == 128 and flops == pytest.approx(2 * 2048**3 / 120)
+
+
+def test_describe_machine_probes_once_per_process(monkeypatch):
+    monkeypatch.setattr(machine, "_peak_cache", {})
+    calls = fake_matmuls(monkeypatch, 1 / 10e9)
+    first = describe_machine()
+    timed = len(calls)
+    second = describe_machine()
+    assert len(calls) == timed > 0  # the second description times nothing
+    assert second.matmul_peak_gflops == first.matmul_peak_gflops == {"fp32": pytest.approx(10), "bf16": pytest.approx(10)}
+    assert first.matmul_probe_size == {"fp32": 1024, "bf16": 1024}
+
+
+def test_real_probe_is_bounded(monkeypatch):
+    monkeypatch.setattr(machine, "_peak_cache", {})
+    start = time.perf_counter()
+    description = describe_machine()
+    assert time.perf_counter() - start < 2 * (machine.PROBE_BUDGET_SECONDS + 1)  # two precisions, with slack for a shared CPU
+    assert all(gflops > 0 for gflops in description.matmul_peak_gflops.values())
+
+
+def test_bf16_autocast_only_where_measured_faster():
+    def described(fp32: float, bf16: float):
+        description = describe_machine(measure_peak=False)
+        description.matmul_peak_gflops = {"fp32": fp32, "bf16": bf16}
+        return description
+
+    assert bf16_autocast_pays(described(60, 276)) == (True, "measured matmul peaks here: bf16 276 vs fp32 60 GFLOP/s (4.60x; bf16 needs >= 1.25x)")
+    use, why = bf16_autocast_pays(described(60, 8))  # an AVX2-only CPU emulates bf16
+    assert not use and "bf16 8 vs fp32 60" in why
 
 
 def test_passive_omp_wait_restarts_once_and_respects_the_environment():

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from hf_models.conversion.gguf import PRE_TOKENIZER, export_gguf, rotary_rows_to_pairs
+from hf_models.conversion.gguf import PRE_TOKENIZER, export_gguf, main, rotary_rows_to_pairs
 from hf_models.tokenization import ByteLevelBPE
-from tests.helpers import TINY_TEXT, build_tiny_model
+from tests.helpers import TINY_TEXT, build_tiny_model, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +125,46 @@ def test_bad_export_input_is_named(bpe_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="the tokenizer has .* tokens and the model's vocab_size is 500"):
         export_gguf(build_tiny_model("zoo_modern", 500), bpe_tokenizer, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_command_line_exports_a_saved_folder(bpe_tokenizer, tmp_path):
+    """``python -m hf_models.conversion.gguf FOLDER --outtype q8_0 -o FILE`` in a fresh process; the file reads back."""
+    folder, out = tmp_path / "modern", tmp_path / "out" / "model.gguf"
+    model = save_tiny_model("zoo_modern", bpe_tokenizer, folder)
+    command = [sys.executable, "-m", "hf_models.conversion.gguf", str(folder), "--outtype", "q8_0", "-o", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout
+    fields, tensors = read(out)
+    assert fields["general.architecture"] == "llama" and fields["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert fields["tokenizer.ggml.tokens"] == [bpe_tokenizer.convert_ids_to_tokens(i) for i in range(len(bpe_tokenizer))]
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    np.testing.assert_array_equal(dense(tensors["output_norm.weight"]), expected_tensors(model)["output_norm.weight"])
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
+
+
+def test_command_line_errors_are_named(bpe_tokenizer, tmp_path, capsys):
+    folder = tmp_path / "modern"
+    save_tiny_model("zoo_modern", bpe_tokenizer, folder)
+    save_tiny_model("zoo_gpt", bpe_tokenizer, tmp_path / "gpt")
+    (tmp_path / "empty").mkdir()
+    existing = tmp_path / "existing.gguf"
+    existing.write_bytes(b"keep me")
+    cases = {
+        (str(tmp_path / "missing"),): "is not a folder",
+        (str(tmp_path / "empty"),): "holds no config.json",
+        (str(folder), "--outtype", "q4_k"): "invalid choice: 'q4_k' \\(choose from '?f32'?, '?f16'?, '?q8_0'?\\)",
+        (str(tmp_path / "gpt"), "-o", str(tmp_path / "gpt.gguf")): "holds a 'zoo_gpt' model; .* takes zoo_modern, zoo_moe, zoo_configurable",
+        (str(folder), "-o", str(existing)): "exists; pass --overwrite",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(argv))
+        assert exit_info.value.code == 2, argv
+        assert re.search(message, capsys.readouterr().err), argv
+    assert existing.read_bytes() == b"keep me" and not (tmp_path / "gpt.gguf").exists()
+    main([str(folder), "-o", str(existing), "--overwrite"])  # the flag replaces it
+    assert read(existing)[0]["general.file_type"] == int(gguf.LlamaFileType.ALL_F32)

@@ -7,6 +7,7 @@ Each test runs the code a recipe runs (``save_folder_atomically``, ``finish_less
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import stat
@@ -17,12 +18,14 @@ import datasets
 import pytest
 from transformers import AutoTokenizer, TrainingArguments, pipeline
 
+from hf_models.benchmarking import describe_machine
 from hf_models.conversion import export_for_serving
 from hf_models.files import SAVE_MARKER, atomic, save_folder_atomically, write_json_atomically
 from hf_models.recipe_support import (
     DataArguments,
     DecoderArguments,
     LessonArguments,
+    choose_bf16,
     evaluate_splits,
     finish_lesson,
     load_lesson_corpus,
@@ -276,3 +279,40 @@ def test_a_data_file_that_is_not_utf8_is_named_with_its_byte_offset(tmp_path):
     assert "--data_files" in message and repr(str(path)) in message
     assert f"byte offset {offset}" in message and r"b'\xe9 of Verona" in message and "UTF-8" in message
     assert isinstance(error.value.__cause__, UnicodeDecodeError)
+
+
+# ----------------------------------------------------------------------------- precision: measured, not assumed
+
+
+def described(fp32: float, bf16: float):
+    description = describe_machine(measure_peak=False)
+    description.matmul_peak_gflops = {"fp32": fp32, "bf16": bf16}
+    return description
+
+
+def test_bf16_default_is_chosen_by_measurement_and_an_explicit_flag_wins(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    slow_bf16, fast_bf16 = described(60, 8), described(60, 276)  # an AVX2-only CPU; one with AVX-512 BF16
+    args = parse(BlocksModelArguments, tmp_path)[3]
+    assert choose_bf16(args, slow_bf16, argv=[]).startswith("precision: fp32 (auto: measured matmul peaks here: bf16 8 vs fp32 60")
+    assert args.bf16 is False
+    assert choose_bf16(args, fast_bf16, argv=[]).startswith("precision: bf16 autocast (auto:") and args.bf16 is True
+    assert "precision: bf16 autocast (auto:" in capsys.readouterr().out  # said, not only recorded
+    explicit = parse(BlocksModelArguments, tmp_path, "--bf16", "true")[3]
+    assert choose_bf16(explicit, slow_bf16, argv=["--bf16", "true"]) == "precision: bf16 autocast (set on the command line)"
+    assert explicit.bf16 is True
+    off = parse(BlocksModelArguments, tmp_path, "--bf16=false")[3]
+    assert choose_bf16(off, fast_bf16, argv=["--bf16=false"]) == "precision: fp32 (set on the command line)"
+
+
+@pytest.mark.parametrize("recipe", ["07_training", "08_lora_sft", "10_moe"])
+def test_recipes_leave_bf16_to_the_measurement(recipe):
+    """No recipe hard-codes bf16 autocast as its default: it is many times slower than fp32 on a CPU without bf16 units."""
+    source = (Path(__file__).parents[1] / "recipes" / f"{recipe}.py").read_text()
+    tree = ast.parse(source)
+    defaults = [node for node in ast.walk(tree) if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                and getattr(node.value.func, "id", None) == "dict" and getattr(node.targets[0], "id", "").isupper()]  # TUNED_TRAINING, ...
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "parse_lesson_args"]
+    keywords = [k.arg for node in defaults for k in node.value.keywords]
+    keywords += [k.arg for call in calls for d in call.keywords if d.arg == "defaults" for k in d.value.keywords]
+    assert "bf16" not in keywords and "choose_bf16(training_args" in source

@@ -13,7 +13,14 @@ be read, the same way. Inside one loop (training steps, generated tokens) the me
 Saved models never import this package; it is for the measuring side only.
 """
 
-from .machine import MachineDescription, describe_machine, matmul_peak_flops, use_passive_omp_wait
+from .machine import (
+    MachineDescription,
+    bf16_autocast_pays,
+    describe_machine,
+    matmul_peak_flops,
+    matmul_probe,
+    use_passive_omp_wait,
+)
 from .skipping import SKIPPED_EXIT_CODE, skip_benchmark
 from .step_clock import StepClock, ThroughputCallback
 from .timer import InterleavedTimings, PairedRatio, quartiles, rotated, time_interleaved
@@ -25,8 +32,10 @@ __all__ = [
     "PairedRatio",
     "StepClock",
     "ThroughputCallback",
+    "bf16_autocast_pays",
     "describe_machine",
     "matmul_peak_flops",
+    "matmul_probe",
     "quartiles",
     "rotated",
     "skip_benchmark",

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache, StoppingCriteriaList
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache, StoppingCriteriaList
 
 from ..causal_lm import CACHE_FIELD
 from ..configuration_modern import ModernDecoderConfig
 from ..kv_cache import GrowingKVCache, StaticKVCache
 from ..modeling_modern import ModernDecoderForCausalLM
+from ..tokenization import load_tokenizer_for
 from .step_clock import StepClock
 
 PROMPT_TEXT = (
@@ -88,7 +89,7 @@ def lesson_model(model_folder: str | os.PathLike | None, max_length: int, seed: 
         # Rotary positions are computed, not looked up, so the model accepts a longer context as is
         # (its text past the context it was trained on is another matter; speed is what we measure).
         model = AutoModelForCausalLM.from_pretrained(folder, max_position_embeddings=max_length)
-        tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+        tokenizer = load_tokenizer_for(folder) if (folder / "tokenizer_config.json").exists() else None
         description = f"lesson 5's trained model ({folder})"
     else:
         torch.manual_seed(seed)

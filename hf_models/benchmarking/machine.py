@@ -79,18 +79,75 @@ def _version(package: str) -> str | None:
         return None
 
 
-def matmul_peak_flops(dtype: torch.dtype = torch.float32, size: int = 2048, rounds: int = 5, warmup: int = 1) -> float:
-    """FLOP/s of the fastest of ``rounds`` (size x size) @ (size x size) matmuls, on torch's current threads.
+# The bounded probe: matmuls grow from PROBE_START_SIZE, doubling, until one takes PROBE_TARGET_SECONDS,
+# never spending more than PROBE_BUDGET_SECONDS on one precision (describe_machine probes two: ~2 s in all).
+# A fixed 2048^2 bf16 matmul takes ~2 minutes on a CPU without bf16 instructions (AVX2 only).
+PROBE_START_SIZE = 64
+PROBE_MAX_SIZE = 4096
+PROBE_TARGET_SECONDS = 0.05
+PROBE_BUDGET_SECONDS = 1.0
+PROBE_ROUNDS = 3  # timed calls per size after the first (which warms the kernels and prices the rest)
 
-    A square matmul this large is the best case for the BLAS kernels, so its speed is what "peak"
-    means in MFU. The fastest call, not the median, is taken because a peak is a best case: a call
-    slowed by another process says something about the other process. On a shared machine even
-    the fastest moves between probes, so benchmarks that report MFU probe more than once and
-    divide by the best probe of the run.
+_peak_cache: dict[tuple[torch.dtype, int], tuple[float, int]] = {}
+
+
+def _matmul_seconds(dtype: torch.dtype, size: int, rounds: int) -> list[float]:
+    """Seconds of each of ``rounds`` (size x size) @ (size x size) matmuls, timed by the one benchmark timer."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return list(time_interleaved({"matmul": lambda: a @ b}, rounds=rounds, warmup=0).seconds["matmul"])
+
+
+def matmul_probe(dtype: torch.dtype = torch.float32, target_seconds: float = PROBE_TARGET_SECONDS,
+                 budget_seconds: float = PROBE_BUDGET_SECONDS) -> tuple[float, int]:
+    """``(FLOP/s, size)``: the best square-matmul speed found, sized up until a matmul takes ``target_seconds``.
+
+    Sizes double from 64. Each size is called once (warm-up, and a price for more calls), then up to
+    :data:`PROBE_ROUNDS` more times as the budget allows; the fastest call counts, because a peak is
+    a best case. Growth stops at the first size whose fastest call takes ``target_seconds``, or when the
+    next size (8x the work) would overrun ``budget_seconds``. So the probe ends in about
+    ``budget_seconds`` at most on any machine, and on a fast one stops at a size large enough for the
+    BLAS kernels to run near their peak.
     """
+    size, spent, best = PROBE_START_SIZE, 0.0, (0.0, PROBE_START_SIZE)
+    while True:
+        seconds = _matmul_seconds(dtype, size, rounds=1)
+        spent += seconds[0]
+        more = min(PROBE_ROUNDS, int((budget_seconds - spent) / max(seconds[0], 1e-9)))
+        if more > 0:
+            extra = _matmul_seconds(dtype, size, rounds=more)
+            spent += sum(extra)
+            seconds += extra
+        fastest = min(seconds)
+        best = max(best, (2 * size**3 / fastest, size))
+        next_cost = 8 * fastest * (1 + PROBE_ROUNDS)
+        if fastest >= target_seconds or spent + next_cost > budget_seconds or size * 2 > PROBE_MAX_SIZE:
+            return best
+        size *= 2
+
+
+def matmul_peak_flops(dtype: torch.dtype = torch.float32, size: int | None = None, rounds: int = 5, warmup: int = 1) -> float:
+    """FLOP/s of square matmuls on torch's current threads: the bounded :func:`matmul_probe` (``size=None``),
+    or the fastest of ``rounds`` matmuls of an explicit ``size``.
+
+    A large square matmul is the best case for the BLAS kernels, so its speed is what "peak" means in
+    MFU. The fastest call, not the median, is taken because a peak is a best case: a call slowed by
+    another process says something about the other process. On a shared machine even the fastest
+    moves between probes, so benchmarks that report MFU probe more than once and divide by the best
+    probe of the run (this function never caches; :func:`describe_machine` does).
+    """
+    if size is None:
+        return matmul_probe(dtype)[0]
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     seconds = time_interleaved({"matmul": lambda: a @ b}, rounds=rounds, warmup=warmup).seconds["matmul"]
     return 2 * size**3 / min(seconds)
+
+
+def cached_matmul_probe(dtype: torch.dtype) -> tuple[float, int]:
+    """:func:`matmul_probe`, once per process and torch thread count (what a second call returns without timing)."""
+    key = (dtype, torch.get_num_threads())
+    if key not in _peak_cache:
+        _peak_cache[key] = matmul_probe(dtype)
+    return _peak_cache[key]
 
 
 @dataclass
@@ -110,6 +167,7 @@ class MachineDescription:
     python: str
     versions: dict[str, str | None]
     matmul_peak_gflops: dict[str, float] = field(default_factory=dict)  # "fp32" / "bf16" -> GFLOP/s
+    matmul_probe_size: dict[str, int] = field(default_factory=dict)  # "fp32" / "bf16" -> the probe's largest size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,10 +183,12 @@ class MachineDescription:
         )
 
 
-def describe_machine(measure_peak: bool = True, peak_size: int = 2048) -> MachineDescription:
+def describe_machine(measure_peak: bool = True) -> MachineDescription:
     """Describe this machine as a benchmark sees it now; ``measure_peak`` probes fp32 and bf16 matmuls.
 
     Call it after choosing torch's thread count: the threads and the peak are read at call time.
+    The probes are bounded (:func:`matmul_probe`: ~2 s at most each) and cached per process and
+    thread count, so a recipe that describes its machine twice times the matmuls once.
     """
     cpu, flags, physical_cores = _cpuinfo()
     description = MachineDescription(
@@ -146,6 +206,27 @@ def describe_machine(measure_peak: bool = True, peak_size: int = 2048) -> Machin
         versions={package: _version(package) for package in ("torch", "transformers", "tokenizers", "numpy")},
     )
     if measure_peak:
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-        description.matmul_peak_gflops = {name: matmul_peak_flops(dtype, size=peak_size) / 1e9 for name, dtype in dtypes.items()}
+        probes = {name: cached_matmul_probe(dtype) for name, dtype in PRECISIONS.items()}
+        description.matmul_peak_gflops = {name: flops / 1e9 for name, (flops, _) in probes.items()}
+        description.matmul_probe_size = {name: size for name, (_, size) in probes.items()}
     return description
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BF16_MIN_SPEEDUP = 1.25
+"""How much faster than fp32 bf16 matmuls must measure before bf16 autocast is chosen: autocast adds
+casts around every matmul, so a tie is a loss."""
+
+
+def bf16_autocast_pays(machine: MachineDescription | None = None) -> tuple[bool, str]:
+    """``(use bf16 autocast?, why)`` from this machine's measured fp32 and bf16 matmul peaks.
+
+    bf16 halves the bytes moved, but its matmuls are fast only on hardware with bf16 units (AVX-512
+    BF16, AMX, a GPU's tensor cores); elsewhere torch emulates them, many times slower than fp32.
+    """
+    peaks = (machine or describe_machine()).matmul_peak_gflops
+    ratio = peaks["bf16"] / peaks["fp32"]
+    verdict = ratio >= BF16_MIN_SPEEDUP
+    why = (f"measured matmul peaks here: bf16 {peaks['bf16']:.0f} vs fp32 {peaks['fp32']:.0f} GFLOP/s "
+           f"({ratio:.2f}x; bf16 needs >= {BF16_MIN_SPEEDUP}x)")
+    return verdict, why

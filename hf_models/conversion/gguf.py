@@ -22,13 +22,19 @@ Two layout rules of llama.cpp's ``llama`` architecture:
 ``Q8_0`` is lesson 9's absmax int8 done block-wise: every 32 consecutive weights of a row share
 one fp16 scale ``max|w| / 127`` (the zoo's ``int8.py`` uses one scale per output row). Smaller
 blocks follow local outliers better; the scale costs 0.5 bits per weight (8.5 in all).
+
+From the command line, a saved folder (lesson 5's, 10's or 12's) becomes one file::
+
+    python -m hf_models.conversion.gguf runs/05_modern_gpt/modern-gpt-shakespeare --outtype q8_0 -o model.gguf
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,12 +48,14 @@ from .configurable import to_dedicated
 from .llama import modern_to_llama
 from .mixtral import moe_to_mixtral
 
-__all__ = ["FILE_TYPES", "PRE_TOKENIZER", "export_gguf", "measure_llama_cpp", "rotary_rows_to_pairs"]
+__all__ = ["FILE_TYPES", "PRE_TOKENIZER", "export_folder", "export_gguf", "main", "measure_llama_cpp", "rotary_rows_to_pairs"]
 
 PRE_TOKENIZER = "gpt-2"
 """llama.cpp's name for GPT-2's byte-level split regex, the zoo BPE's pre-tokenizer."""
 
 FILE_TYPES = ("f32", "f16", "q8_0")
+EXPORTABLE_TYPES = ("zoo_modern", "zoo_moe", "zoo_configurable")
+"""The saved model types the export takes (a configurable decoder must be a modern or MoE preset)."""
 Q8_0_BLOCK = 32
 
 
@@ -185,6 +193,64 @@ def export_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, file
     return path
 
 
+def export_folder(folder: str | os.PathLike, output: str | os.PathLike | None = None, file_type: str = "f32",
+                  overwrite: bool = False) -> Path:
+    """Export a saved zoo folder (model + tokenizer) to one GGUF file; what ``python -m`` runs.
+
+    ``output`` defaults to ``<folder>/model-<file_type>.gguf``. Every input is checked before
+    the model is loaded, and the file is written under a temporary name and renamed, so an
+    error never leaves a half-written ``.gguf`` (nor replaces an existing one unless ``overwrite``).
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder, or holds no ``config.json``.
+        FileExistsError: ``output`` exists and ``overwrite`` is False.
+        ValueError: ``file_type`` or the folder's model type is not one the export takes.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if file_type not in FILE_TYPES:
+        raise ValueError(f"outtype {file_type!r} is not supported; choose one of {', '.join(FILE_TYPES)}.")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass a model folder saved by a recipe (save_pretrained).")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no config.json, so no saved model; pass a folder saved by a recipe.")
+    output = Path(output) if output is not None else folder / f"model-{file_type}.gguf"
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it, or another -o.")
+    model_type = AutoConfig.from_pretrained(folder).model_type
+    if model_type not in EXPORTABLE_TYPES:
+        raise ValueError(f"{folder} holds a {model_type!r} model; the GGUF export writes llama.cpp's 'llama' "
+                         f"architecture and takes {', '.join(EXPORTABLE_TYPES)}.")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        export_gguf(model, tokenizer, tmp, file_type=file_type)
+        os.replace(tmp, output)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m hf_models.conversion.gguf FOLDER --outtype q8_0 -o model.gguf``."""
+    parser = argparse.ArgumentParser(prog="python -m hf_models.conversion.gguf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="a saved zoo_modern, zoo_moe or zoo_configurable folder (model + tokenizer)")
+    parser.add_argument("--outtype", choices=FILE_TYPES, default="f32",
+                        help="tensor type of the matrices (norms stay f32): f32, f16 or q8_0 (block-wise int8)")
+    parser.add_argument("-o", "--outfile", default=None, help="the .gguf file to write (default: FOLDER/model-OUTTYPE.gguf)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    args = parser.parse_args(argv)
+    try:
+        path = export_folder(args.folder, args.outfile, args.outtype, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        parser.error(str(error))
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB, {args.outtype})")
+
+
 def measure_llama_cpp(gguf_path: str | os.PathLike, texts: list[str], prompts: list[str], max_new_tokens: int) -> dict:
     """Bits per byte, greedy tokens and tokens/s of a GGUF file in llama.cpp (through llama-cpp-python).
 
@@ -231,3 +297,7 @@ def measure_llama_cpp(gguf_path: str | os.PathLike, texts: list[str], prompts: l
         greedy.append(out)
     return dict(file_mb=path.stat().st_size / 2**20, bits_per_byte=bits / max(num_bytes, 1),
                 tokens_per_second=generated / seconds if seconds else float("nan"), greedy_ids=greedy)
+
+
+if __name__ == "__main__":
+    main()

@@ -50,7 +50,7 @@ from .lesson_data import LessonData, bpe_tokenizer_for, load_lesson_corpus, prep
 from .model_card import build_model_card
 from .notebook import show
 from .publishing import finish_lesson, push_folder_to_hub, sample_with_pipeline
-from .trainer_setup import DECODER_TRAINING_DEFAULTS, build_trainer, train_and_evaluate
+from .trainer_setup import DECODER_TRAINING_DEFAULTS, build_trainer, choose_bf16, train_and_evaluate
 
 __all__ = [
     "DECODER_TRAINING_DEFAULTS",
@@ -61,6 +61,7 @@ __all__ = [
     "bpe_tokenizer_for",
     "build_model_card",
     "build_trainer",
+    "choose_bf16",
     "evaluate_splits",
     "find_model_folder",
     "finish_lesson",

@@ -44,6 +44,9 @@ print(generator("ROMEO:\\n", max_new_tokens=100, do_sample=True)[0]["generated_t
 
 The folder carries its own modeling code (`trust_remote_code=True`); with `import hf_models`
 the model types are registered and no remote code is needed.
+The tokenizer alone loads anywhere with `PreTrainedTokenizerFast.from_pretrained(...)`.
+(`AutoTokenizer` reads the model's `config.json` first and, without `import hf_models`, asks about
+its code; `trust_remote_code=True` answers it.)
 
 ## Intended use
 

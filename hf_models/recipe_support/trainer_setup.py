@@ -26,6 +26,7 @@ this run's global batch (each checkpoint records it: :class:`RecordBatchLayout`)
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -43,9 +44,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..evaluation import evaluate_splits, trainer_metric_functions
 from ..tokenization import check_tokenizer_matches_model
-from ..benchmarking import ThroughputCallback
+from ..benchmarking import MachineDescription, ThroughputCallback, bf16_autocast_pays
 from ..files import batch_layout, write_batch_layout
-from .arguments import DataArguments, checkpoint_to_resume, global_batch_size
+from .arguments import DataArguments, checkpoint_to_resume, global_batch_size, recipe_argv
 from .lesson_data import LessonData
 
 # The decoder lessons' budget and optimisation, in one place because lessons 4 and 5 are compared
@@ -67,6 +68,28 @@ DECODER_TRAINING_DEFAULTS = dict(
     adam_beta2=0.99,
     max_grad_norm=1.0,
 )
+
+
+def choose_bf16(training_args: TrainingArguments, machine: MachineDescription | None = None, argv: list[str] | None = None) -> str:
+    """Set ``training_args.bf16`` where the command line left it open ("auto"), and say which and why.
+
+    ``--bf16 true|false`` (or ``--no_bf16``) on the command line wins. Otherwise bf16 autocast is
+    chosen on a GPU that supports it, and on a CPU only where :func:`bf16_autocast_pays` measures bf16
+    matmuls clearly faster than fp32: without AVX-512 BF16 or AMX, torch emulates them, and autocast
+    makes training many times slower. Returns the line the recipe prints (and can record).
+    """
+    argv = (recipe_argv() or sys.argv[1:]) if argv is None else argv
+    if any(a in ("--bf16", "--no_bf16") or a.startswith("--bf16=") for a in argv):
+        why = "set on the command line"
+    elif torch.cuda.is_available():
+        training_args.bf16 = torch.cuda.is_bf16_supported()
+        why = f"auto: {torch.cuda.get_device_name()} {'supports' if training_args.bf16 else 'lacks'} bf16"
+    else:
+        training_args.bf16, measured = bf16_autocast_pays(machine)
+        why = f"auto: {measured}"
+    line = f"precision: {'bf16 autocast' if training_args.bf16 else 'fp32'} ({why})"
+    print(line)
+    return line
 
 
 def build_trainer(
