@@ -42,8 +42,9 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 # Keyword arguments ``<Name>ForCausalLM.forward`` hands to transformers' loss.
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 # Keyword arguments transformers may pass that the zoo's models have no use for: positions come
-# from the cache itself.
-IGNORED_KWARGS = ("cache_position",)
+# from the cache itself, and ``generate`` hands its ``tokenizer`` (for ``stop_strings``) and the
+# assistant's on to every forward, as it does to ``LlamaForCausalLM``'s ``**kwargs``.
+IGNORED_KWARGS = ("cache_position", "tokenizer", "assistant_tokenizer")
 
 
 def take_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
@@ -88,13 +89,19 @@ def mask_has_padding(attention_mask: torch.Tensor | None, past_length: int) -> b
     read, on a GPU a wait for every queued kernel, which is fine once per sequence. A decode step
     (``past_length > 0``) never reads it: the mask is simply honoured, which costs a few tiny
     ops and is correct whether or not the batch is padded; reading it would be one device sync
-    per generated token.
+    per generated token. Under ``torch.compile``/``torch.export`` the mask is always honoured too:
+    a branch on tensor data cannot be traced into one graph.
     """
     if attention_mask is None:
         return False
-    if past_length > 0:
+    if past_length > 0 or is_tracing():
         return True
     return not bool(attention_mask.all())
+
+
+def is_tracing() -> bool:
+    """Whether ``torch.compile`` or ``torch.export`` is tracing this code (no host reads of tensor data then)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def keep_last_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -106,13 +113,56 @@ def keep_last_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch
 
 
 class RecurrentStateLayer(LinearAttentionLayer):
-    """One layer's state, stored by transformers' linear-attention cache layer (in place, fixed shape)."""
+    """One layer's state, stored by transformers' linear-attention cache layer (in place, fixed shape).
+
+    Assisted generation (``assistant_model=``, ``prompt_lookup_num_tokens=``) runs the model over
+    several draft tokens at once, then rolls back the ones it rejects with ``crop(-n)``. A state
+    that summarises the whole past cannot be un-summarised, so while ``generate`` records the past
+    (``activate_past_recording``) the layer keeps the state after *every* token since the last
+    ``crop``: rolling back ``n`` tokens is then picking the state ``n`` steps earlier.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.history: list[torch.Tensor] = []  # while recording: (B, 1 + T, ...) chunks, states after each token
 
     def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
         state = super().update_recurrent_state(recurrent_states, state_idx, **kwargs)
         # The parent marks a state as present only through its conv path; we have no conv state.
         self.has_previous_state[state_idx] = True
         return state
+
+    def record(self, previous: torch.Tensor | None, per_token: torch.Tensor) -> None:
+        """While recording, keep the states after each of this forward's T tokens, (B, T, ...).
+
+        ``previous`` is the state before the forward (``None`` at the start of a sequence), kept
+        once so that every token of the first chunk can be rolled back but the very first.
+        """
+        if not self.record_past:
+            return
+        if not self.history and previous is not None:
+            self.history.append(previous.detach().clone()[:, None])  # (B, ...) -> (B, 1, ...)
+        self.history.append(per_token.detach())
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.record_past or not any(self.is_recurrent_states_initialized.values())
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Roll the state back by ``-tokens_to_remove`` tokens (a negative count, as transformers' layers)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}.")
+        if tokens_to_remove < 0:
+            if not self.record_past:
+                raise RuntimeError("A recurrent state can only be rolled back while generate() records the past (activate_past_recording).")
+            states = torch.cat(self.history, dim=1) if self.history else None  # (B, kept, ...)
+            if states is None or states.shape[1] <= -tokens_to_remove:
+                raise RuntimeError(
+                    f"Cannot roll the recurrent state back by {-tokens_to_remove} tokens: only "
+                    f"{0 if states is None else states.shape[1] - 1} were recorded since the last crop."
+                )
+            self.update_recurrent_state(states[:, tokens_to_remove - 1].contiguous())  # the state n tokens earlier
+        self.history = []
 
 
 class RecurrentStateCache(Cache):
@@ -139,7 +189,12 @@ class RecurrentStateCache(Cache):
         """The state after the last token seen, or None before the first forward."""
         return self.get_recurrent_state(layer_idx)
 
-    def set_state(self, state: torch.Tensor, layer_idx: int) -> None:
+    def set_state(self, state: torch.Tensor, layer_idx: int, per_token: torch.Tensor | None = None) -> None:
+        """Store a layer's state after this forward; ``per_token`` (B, T, ...) are the states after each
+        of its tokens, kept only while ``generate`` records the past (see :class:`RecurrentStateLayer`)."""
+        layer = self.layers[layer_idx]
+        if per_token is not None and layer.record_past:
+            layer.record(self.get_state(layer_idx), per_token)
         self.update_recurrent_state(state, layer_idx)
 
     def advance(self, num_tokens: int) -> None:
@@ -148,6 +203,10 @@ class RecurrentStateCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.seen_tokens += min(tokens_to_remove, 0)
 
     @property
     def is_compileable(self) -> bool:
@@ -237,9 +296,70 @@ class ZooPreTrainedModel(PreTrainedModel):
             kwargs["key_mapping"] = cls._legacy_key_mapping
         return super().from_pretrained(*args, **kwargs)
 
-    def new_cache(self) -> Cache:
-        """The cache a forward with ``use_cache=True`` creates when none is passed."""
+    # Whether the model computes attention weights it can return with ``output_attentions=True``.
+    has_attention_weights = False
+
+    def new_cache(self, static: bool | None = None, max_cache_len: int | None = None) -> Cache:
+        """The cache a forward with ``use_cache=True`` creates when none is passed.
+
+        ``static`` picks lesson 6's static cache over the growing one (``None``: as ``config.kv_cache``
+        says), and ``max_cache_len`` sizes it (``generate`` passes prompt + ``max_new_tokens``;
+        ``None``: the model's context). A recurrent model's state is fixed-size anyway.
+        """
         raise NotImplementedError
+
+    def context_limit(self) -> int | None:
+        """The most positions the model can encode, or ``None`` where nothing bounds them.
+
+        Learned position embeddings (GPT-2's table) end at ``max_position_embeddings``; rotary
+        positions, a recurrence and an n-gram window have no such table, so they run past the
+        length they were trained at, as ``LlamaForCausalLM`` does (quality may degrade there).
+        """
+        return None
+
+    # Generation -------------------------------------------------------------------------------
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """Give ``generate`` the model's own cache, also for ``cache_implementation="static"``.
+
+        transformers would build its ``DynamicCache``; the zoo's models bring lesson 6's caches (or a
+        recurrent state), so ``generate`` gets one of those up front. Assisted generation and prompt
+        lookup need the cache before the first forward (to record and roll back draft tokens), and
+        ``cache_implementation="static"`` maps to lesson 6's :class:`StaticKVCache`, sized to the
+        prompt plus ``max_new_tokens`` as transformers sizes its ``StaticCache`` (``config.kv_cache="static"``
+        keeps lesson 6's preallocation of the whole context).
+        """
+        if model_kwargs.get(CACHE_FIELD) is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported by {type(self).__name__}: it takes None or "
+                f"'dynamic' (lesson 6's growing cache, or config.kv_cache) and 'static' (lesson 6's static cache). For "
+                f"another transformers cache, build it and pass it as past_key_values."
+            )
+        static = {None: None, "dynamic": False, "static": True}[implementation]
+        if static is None:
+            # config.kv_cache="static": lesson 6 preallocates the whole context once (longer if generation needs it).
+            max_cache_length = max(max_cache_length, getattr(self.config, "max_position_embeddings", 0) or 0)
+        cache = self.new_cache(static=static, max_cache_len=max_cache_length)
+        if getattr(generation_config, "is_assistant", False):
+            cache.activate_past_recording()  # a draft model rolls back what the main model rejects
+        model_kwargs[CACHE_FIELD] = cache
+
+    def _validate_generated_length(self, generation_config, input_ids_length: int, has_default_max_length: bool):
+        """Refuse up front a generation longer than learned positions can encode (not at token 129)."""
+        limit = self.context_limit()
+        if limit is not None and generation_config.max_length > limit:
+            raise ValueError(
+                f"max_new_tokens: a prompt of {input_ids_length} tokens plus {generation_config.max_length - input_ids_length} "
+                f"new ones is {generation_config.max_length} tokens, longer than the context of {limit} positions "
+                f"(config.max_position_embeddings) that {type(self).__name__}'s learned position embeddings can encode. "
+                f"Lower max_new_tokens to at most {max(limit - input_ids_length, 0)} or shorten the prompt."
+            )
+        return super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
 
     def init_weights(self):
         # Built inside a causal LM, the backbone leaves its init to the LM's one pass over the whole tree.
@@ -284,7 +404,7 @@ class ZooPreTrainedModel(PreTrainedModel):
             raise ValueError(f"input_ids must have shape (batch, sequence), got shape {tuple(input_ids.shape)}.")
         # The range check reads min/max back to the host: a device sync on a GPU. Decode steps
         # (past_length > 0) feed back ids the model itself produced, so only fresh input is checked.
-        if past_length == 0 and input_ids.numel() and not torch.compiler.is_compiling():
+        if not is_tracing() and past_length == 0 and input_ids.numel():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high
@@ -305,18 +425,19 @@ class ZooPreTrainedModel(PreTrainedModel):
     ) -> tuple[Cache | None, int, int]:
         """The preamble every zoo forward shares; returns ``(cache or None, past_length, new tokens)``.
 
-        Takes the cache under either name, refuses unknown keywords and ``output_attentions``,
-        checks the input against the vocabulary and the context (cached tokens included), and
+        Takes the cache under either name, refuses unknown keywords (and ``output_attentions`` for a
+        model without attention), checks the input against the vocabulary and, where positions are
+        learned, the context (cached tokens included), and
         creates the model's own cache when one is wanted and none was passed. ``use_cache``
         defaults to ``config.use_cache`` outside training: a training step never reads a cache, so
         building one would be wasted work on the hot path.
         """
         past_key_values = take_cache(past_key_values, kwargs)
         refuse_unknown_kwargs(self, kwargs)
-        if output_attentions:
+        if output_attentions and not self.has_attention_weights:
             raise ValueError(
-                f"output_attentions=True is not supported by {type(self).__name__}: its attention runs in fused kernels "
-                f"(SDPA) that never materialise the attention weights. Leave output_attentions unset."
+                f"output_attentions=True is not supported by {type(self).__name__}: the model has no attention, so there "
+                f"are no attention weights to return. Leave output_attentions unset."
             )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -327,8 +448,8 @@ class ZooPreTrainedModel(PreTrainedModel):
         seq_len = input_ids.shape[1] if input_ids is not None else inputs_embeds.shape[1]
         if input_ids is not None:
             self.check_input_ids(input_ids, past_length)
-        context = self.config.max_position_embeddings
-        if past_length + seq_len > context:
+        context = self.context_limit()
+        if context is not None and not is_tracing() and past_length + seq_len > context:
             raise ValueError(
                 f"input_ids: a sequence of {past_length + seq_len} tokens ({past_length} cached + {seq_len} new) is "
                 f"longer than the model's context, config.max_position_embeddings={context}. Truncate the prompt, "
@@ -338,17 +459,35 @@ class ZooPreTrainedModel(PreTrainedModel):
             past_key_values = self.new_cache()
         return (past_key_values if use_cache else None), past_length, seq_len
 
-    @staticmethod
+    def output_flags(self, output_attentions: bool | None, output_hidden_states: bool | None) -> tuple[bool, bool]:
+        """The two ``output_*`` flags, each falling back to the config when not passed (as in transformers:
+        ``from_pretrained(folder, output_hidden_states=True)`` sets them there)."""
+        return (
+            bool(self.config.output_attentions if output_attentions is None else output_attentions) and self.has_attention_weights,
+            bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states),
+        )
+
+    def wants_dict(self, return_dict: bool | None) -> bool:
+        """``return_dict``, falling back to ``config.return_dict``."""
+        return self.config.return_dict if return_dict is None else return_dict
+
     def model_output(
-        hidden_states: torch.Tensor, cache: Cache | None, all_hidden_states: list | None, return_dict: bool | None
+        self,
+        hidden_states: torch.Tensor,
+        cache: Cache | None,
+        all_hidden_states: list | None,
+        return_dict: bool | None,
+        all_attentions: list | None = None,
     ) -> BaseModelOutputWithPast | tuple:
-        """A backbone's output: the final hidden states (B, T, C), the cache and (if asked) every layer's input."""
+        """A backbone's output: the final hidden states (B, T, C), the cache and (if asked) every layer's
+        input and attention weights (B, H, T, S)."""
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+            attentions=tuple(all_attentions) if all_attentions is not None else None,
             **{CACHE_FIELD: cache},
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if self.wants_dict(return_dict) else output.to_tuple()
 
 
 __all__ = [
@@ -357,6 +496,7 @@ __all__ = [
     "RecurrentStateCache",
     "ZooPreTrainedModel",
     "keep_last_positions",
+    "is_tracing",
     "mask_has_padding",
     "take_cache",
     "take_loss_kwargs",

@@ -37,8 +37,8 @@ class BigramPreTrainedModel(ZooPreTrainedModel):
             else:
                 init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
-    def new_cache(self) -> RecurrentStateCache:
-        return RecurrentStateCache(num_layers=0)
+    def new_cache(self, static: bool | None = None, max_cache_len: int | None = None) -> RecurrentStateCache:
+        return RecurrentStateCache(num_layers=0)  # no state at all: static by nature
 
 
 class BigramForCausalLM(BigramPreTrainedModel, GenerationMixin):
@@ -112,7 +112,7 @@ class BigramForCausalLM(BigramPreTrainedModel, GenerationMixin):
             cache.advance(seq_len)
         loss = self.causal_lm_loss(logits, labels, loss_kwargs)
         output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
-        return output if return_dict is not False else output.to_tuple()
+        return output if self.wants_dict(return_dict) else output.to_tuple()
 
 
 __all__ = ["BigramForCausalLM", "BigramPreTrainedModel"]

@@ -121,8 +121,8 @@ class GRULMPreTrainedModel(ZooPreTrainedModel):
             for param in module.parameters():
                 init.uniform_(param, -bound, bound)
 
-    def new_cache(self) -> Cache:
-        return RecurrentStateCache(num_layers=self.config.num_hidden_layers)
+    def new_cache(self, static: bool | None = None, max_cache_len: int | None = None) -> Cache:
+        return RecurrentStateCache(num_layers=self.config.num_hidden_layers)  # one (B, H) state per layer: static by nature
 
 
 class GRULMModel(GRULMPreTrainedModel):
@@ -149,6 +149,7 @@ class GRULMModel(GRULMPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         # position_ids are accepted for the common signature; a recurrence counts positions itself.
+        _, output_hidden_states = self.output_flags(output_attentions, output_hidden_states)
         cache, past_length, seq_len = self.start_forward(input_ids, inputs_embeds, past_key_values, use_cache, output_attentions, kwargs)
         mask = None
         if mask_has_padding(attention_mask, past_length):
@@ -164,7 +165,7 @@ class GRULMModel(GRULMPreTrainedModel):
                 h = x.new_zeros(x.shape[0], self.config.hidden_size)
             x, h = layer(x, h, mask, self.config.gru_implementation)
             if cache is not None:
-                cache.set_state(h, i)
+                cache.set_state(h, i, per_token=x)  # x (B, T, H): the state after each token, for rollbacks
             x = self.dropout(x)
         if cache is not None:
             cache.advance(seq_len)
@@ -214,14 +215,19 @@ class GRULMForCausalLM(GRULMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(keep_last_positions(outputs.last_hidden_state, logits_to_keep))  # (B, T, C) -> (B, T, V)
         loss = self.causal_lm_loss(logits, labels, loss_kwargs)
         output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if self.wants_dict(return_dict) else output.to_tuple()
 
 
 __all__ = ["GRULMForCausalLM", "GRULMModel", "GRULMPreTrainedModel"]

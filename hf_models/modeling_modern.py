@@ -42,6 +42,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .causal_lm import CACHE_FIELD, ZooPreTrainedModel, keep_last_positions, mask_has_padding, take_loss_kwargs
 from .configuration_modern import ModernDecoderConfig
@@ -178,12 +179,20 @@ def bottom_right_causal_mask(query_length: int, key_length: int, device: torch.d
 
 
 def eager_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0
-) -> torch.Tensor:
-    """Lesson 4's reference attention with grouped K/V heads. q: (B, H, T, D), k/v: (B, H_kv, S, D) -> (B, H, T, D).
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lesson 4's reference attention with grouped K/V heads. q: (B, H, T, D), k/v: (B, H_kv, S, D).
 
-    Multi-head (``H_kv = H``), grouped-query (``H_kv`` groups) and multi-query (``H_kv = 1``) are
-    one code path: each K/V head is repeated for the ``H / H_kv`` query heads that share it.
+    Returns the output (B, T, H, D) and the weights (B, H, T, S), as lesson 4's. Multi-head
+    (``H_kv = H``), grouped-query (``H_kv`` groups) and multi-query (``H_kv = 1``) are one code
+    path: each K/V head is repeated for the ``H / H_kv`` query heads that share it.
     """
     query_length, key_length = query.shape[-2], key.shape[-2]
     n_rep = query.shape[1] // key.shape[1]
@@ -201,12 +210,20 @@ def eager_attention(
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if dropout > 0.0:
         weights = F.dropout(weights, p=dropout, training=True)
-    return torch.matmul(weights, value)  # (B, H, T, S) @ (B, H, S, D) -> (B, H, T, D)
+    output = torch.matmul(weights, value)  # (B, H, T, S) @ (B, H, S, D) -> (B, H, T, D)
+    return output.transpose(1, 2), weights  # (B, H, T, D) -> (B, T, H, D)
 
 
 def sdpa_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0
-) -> torch.Tensor:
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """Fused attention via ``F.scaled_dot_product_attention``; SDPA shares each K/V head inside the kernel
     (``enable_gqa``) without materialising the copies. Same contract as :func:`eager_attention`."""
     query_length, key_length = query.shape[-2], key.shape[-2]
@@ -217,23 +234,65 @@ def sdpa_attention(
             is_causal = True
         else:
             attention_mask = bottom_right_causal_mask(query_length, key_length, query.device)
-    return F.scaled_dot_product_attention(
+    output = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
     )
+    return output.transpose(1, 2), None  # (B, H, T, D) -> (B, T, H, D)
 
 
 # Copied from hf_models.modeling_gpt.ATTENTION_FUNCTIONS
-ATTENTION_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"eager": eager_attention, "sdpa": sdpa_attention}
+ATTENTION_FUNCTIONS: dict[str, Callable[..., tuple]] = {"eager": eager_attention, "sdpa": sdpa_attention}
 
 
 # Copied from hf_models.modeling_gpt.attention_function
-def attention_function(name: str | None) -> Callable[..., torch.Tensor]:
-    """The attention math named by ``config._attn_implementation`` (``None``: SDPA), or a clear error."""
+def attention_function(name: str | None) -> Callable[..., tuple]:
+    """The attention math named by ``config._attn_implementation`` (``None``: SDPA), or a clear error.
+
+    "eager" and "sdpa" are this file's; any other name comes from transformers' attention registry
+    (``flex_attention``, or a kernel registered with ``AttentionInterface.register``), which takes
+    the same arguments, so the model runs on whatever backend transformers knows.
+    """
     name = name or "sdpa"
-    if name not in ATTENTION_FUNCTIONS:
-        raise ValueError(f"attn_implementation must be one of {sorted(ATTENTION_FUNCTIONS)}, got {name!r}.")
-    return ATTENTION_FUNCTIONS[name]
+    if name in ATTENTION_FUNCTIONS:
+        return ATTENTION_FUNCTIONS[name]
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    raise ValueError(
+        f"attn_implementation must be one of {sorted(ATTENTION_FUNCTIONS)} or a name registered with transformers' "
+        f"AttentionInterface ({sorted(ALL_ATTENTION_FUNCTIONS.valid_keys())}), got {name!r}."
+    )
+
+
+# Copied from hf_models.modeling_gpt.mask_for_backend
+def mask_for_backend(
+    mask: torch.Tensor | None,
+    name: str | None,
+    batch_size: int,
+    query_length: int,
+    key_length: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """:func:`build_causal_mask`'s mask in the form an attention backend takes.
+
+    This file's functions read ``None`` as "plain causal". A transformers backend gets the mask
+    spelled out, (B, 1, T, S): boolean (True = attend), and for ``flex_attention`` as the block mask
+    its kernel skips whole blocks with (a ``mask_mod`` that reads the boolean mask).
+    """
+    if (name or "sdpa") in ATTENTION_FUNCTIONS:
+        return mask
+    if mask is None:
+        mask = bottom_right_causal_mask(query_length, key_length, device)[None, None]  # (T, S) -> (1, 1, T, S)
+    mask = mask.expand(batch_size, 1, query_length, key_length).contiguous()
+    if name == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def may_attend(batch, head, query, key):
+            return mask[batch, 0, query, key]
+
+        return create_block_mask(may_attend, batch_size, None, query_length, key_length, device=device)
+    return mask
 
 
 # Copied from hf_models.modeling_gpt.mask_lengths
@@ -246,7 +305,7 @@ def mask_lengths(past_key_values: Cache | None, query_length: int) -> tuple[int,
     """
     if past_key_values is None:
         return 0, query_length
-    past_length = int(past_key_values.get_seq_length())
+    past_length = past_key_values.get_seq_length()  # an int; a 0-d tensor for transformers' StaticCache
     key_length, _ = past_key_values.get_mask_sizes(query_length, 0)
     return past_length, int(key_length)
 
@@ -288,11 +347,13 @@ def build_causal_mask(
             )
         if not mask_has_padding(attention_mask, past_length):
             attention_mask = None  # no padding: plain causal attention, the fast path
-    if attention_mask is None and key_length == past_length + query_length and (past_length == 0 or query_length == 1):
+    # (A traced past length, from transformers' StaticCache under torch.export, always gets the explicit mask.)
+    plain = attention_mask is None and not isinstance(past_length, torch.Tensor)
+    if plain and key_length == past_length + query_length and (past_length == 0 or query_length == 1):
         return None
     if attention_mask is not None:
         device = attention_mask.device
-    query_positions = torch.arange(past_length, past_length + query_length, device=device)  # (T,)
+    query_positions = torch.arange(query_length, device=device) + past_length  # (T,): past may be a traced tensor
     key_positions = torch.arange(key_length, device=device)  # (S,)
     causal = key_positions <= query_positions[:, None]  # (T, S)
     if attention_mask is None:
@@ -312,7 +373,7 @@ def position_ids_for(attention_mask: torch.Tensor | None, past_length: int, quer
     first real token with left padding, so a padded prompt gets the positions it would get alone."""
     if attention_mask is not None and attention_mask.dim() == 2 and mask_has_padding(attention_mask, past_length):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_length:]  # (B, T)
-    return torch.arange(past_length, past_length + query_length, device=device)[None]  # (1, T)
+    return (torch.arange(query_length, device=device) + past_length)[None]  # (1, T)
 
 
 class ModernAttention(nn.Module):
@@ -340,6 +401,8 @@ class ModernAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.is_causal = True  # read by transformers' attention backends
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
 
     def forward(
         self,
@@ -348,8 +411,9 @@ class ModernAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         past_key_values: Cache | None,
         attn_implementation: str | None,
-    ) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C). ``position_embeddings`` is ``(cos, sin)`` from :class:`RotaryEmbedding`."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, C) -> (B, T, C), and the attention weights (B, H, T, S) where the backend computes them.
+        ``position_embeddings`` is ``(cos, sin)`` from :class:`RotaryEmbedding`."""
         batch_size, query_length, _ = hidden_states.shape
         head_shape = (batch_size, query_length, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)  # (B, T, H*D) -> (B, T, H, D) -> (B, H, T, D)
@@ -360,9 +424,10 @@ class ModernAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)  # -> (B, H_kv, S, D)
         dropout = self.attention_dropout if self.training else 0.0
-        output = attention_function(attn_implementation)(query, key, value, attention_mask, self.scaling, dropout)
-        output = output.transpose(1, 2).reshape(batch_size, query_length, -1)  # (B, H, T, D) -> (B, T, H*D)
-        return self.o_proj(output)
+        attend = attention_function(attn_implementation)
+        output, weights = attend(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling)
+        output = output.reshape(batch_size, query_length, -1)  # (B, T, H, D) -> (B, T, H*D)
+        return self.o_proj(output), weights
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, layer_idx={self.layer_idx}"
@@ -392,12 +457,13 @@ class ModernDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attn_implementation: str | None,
         past_key_values: Cache | None = None,
-    ) -> torch.Tensor:
-        attended = self.self_attn(
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The new hidden states (B, T, C) and the attention weights (B, H, T, S), or ``None`` (SDPA)."""
+        attended, weights = self.self_attn(
             self.input_layernorm(hidden_states), attention_mask, position_embeddings, past_key_values, attn_implementation
         )
         hidden_states = hidden_states + self.residual_dropout(attended)
-        return hidden_states + self.residual_dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+        return hidden_states + self.residual_dropout(self.mlp(self.post_attention_layernorm(hidden_states))), weights
 
 
 class ModernDecoderPreTrainedModel(ZooPreTrainedModel):
@@ -405,7 +471,10 @@ class ModernDecoderPreTrainedModel(ZooPreTrainedModel):
 
     config_class = ModernDecoderConfig
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _no_split_modules = ["ModernDecoderLayer"]
+    has_attention_weights = True
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -414,10 +483,11 @@ class ModernDecoderPreTrainedModel(ZooPreTrainedModel):
             init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
 
     # Copied from hf_models.modeling_gpt.GPTPreTrainedModel.new_cache
-    def new_cache(self) -> Cache:
-        """The cache ``generate()`` gets when it passes none: lesson 6's, per ``config.kv_cache``."""
-        if self.config.kv_cache == "static":
-            return StaticKVCache(max_cache_len=self.config.max_position_embeddings, num_layers=self.config.num_hidden_layers)
+    def new_cache(self, static: bool | None = None, max_cache_len: int | None = None) -> Cache:
+        """Lesson 6's cache: static or growing as ``static`` (else ``config.kv_cache``) says; see ``ZooPreTrainedModel.new_cache``."""
+        if self.config.kv_cache == "static" if static is None else static:
+            max_cache_len = max_cache_len or self.config.max_position_embeddings
+            return StaticKVCache(max_cache_len=max_cache_len, num_layers=self.config.num_hidden_layers)
         return GrowingKVCache(num_layers=self.config.num_hidden_layers)
 
 
@@ -446,27 +516,34 @@ class ModernDecoderModel(ModernDecoderPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
+        output_attentions, output_hidden_states = self.output_flags(output_attentions, output_hidden_states)
         cache, past_length, seq_len = self.start_forward(input_ids, inputs_embeds, past_key_values, use_cache, output_attentions, kwargs)
-        attn_implementation = self.config._attn_implementation
+        attn_implementation = self.config._attn_implementation or "sdpa"
+        if output_attentions and attn_implementation == "sdpa":
+            attn_implementation = "eager"  # SDPA never materialises the weights; the readable path does
         attention_function(attn_implementation)  # an unknown name fails here, before any work
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T) -> (B, T, C)
-        device = inputs_embeds.device
+        batch_size, device = inputs_embeds.shape[0], inputs_embeds.device
         if position_ids is None:
             position_ids = position_ids_for(attention_mask, past_length, seq_len, device)  # (B or 1, T)
         _, key_length = mask_lengths(cache, seq_len)
         mask = build_causal_mask(attention_mask, seq_len, key_length, past_length, device)
+        mask = mask_for_backend(mask, attn_implementation, batch_size, seq_len, key_length, inputs_embeds.dtype, device)
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)  # one (cos, sin) for every layer
         hidden_states = self.dropout(inputs_embeds)
         all_hidden_states = [] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         for layer in self.layers:
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
-            hidden_states = layer(hidden_states, mask, position_embeddings, attn_implementation, past_key_values=cache)
+            hidden_states, weights = layer(hidden_states, mask, position_embeddings, attn_implementation, past_key_values=cache)
+            if all_attentions is not None:
+                all_attentions.append(weights)
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
-        return self.model_output(hidden_states, cache, all_hidden_states, return_dict)
+        return self.model_output(hidden_states, cache, all_hidden_states, return_dict, all_attentions)
 
 
 # Copied from hf_models.modeling_gpt.GPTForCausalLM with GPT->ModernDecoder
@@ -512,14 +589,19 @@ class ModernDecoderForCausalLM(ModernDecoderPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(keep_last_positions(outputs.last_hidden_state, logits_to_keep))  # (B, T, C) -> (B, T, V)
         loss = self.causal_lm_loss(logits, labels, loss_kwargs)
         output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if self.wants_dict(return_dict) else output.to_tuple()
 
 
 __all__ = ["ModernDecoderForCausalLM", "ModernDecoderModel", "ModernDecoderPreTrainedModel"]

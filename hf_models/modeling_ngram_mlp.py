@@ -39,8 +39,8 @@ from .configuration_ngram_mlp import NGramMLPConfig
 class NGramMLPPreTrainedModel(ZooPreTrainedModel):
     config_class = NGramMLPConfig
 
-    def new_cache(self) -> Cache:
-        return RecurrentStateCache(num_layers=1)
+    def new_cache(self, static: bool | None = None, max_cache_len: int | None = None) -> Cache:
+        return RecurrentStateCache(num_layers=1)  # the last context window: fixed-size, static by nature
 
 
 class TanhLayer(GradientCheckpointingLayer):
@@ -92,6 +92,7 @@ class NGramMLPModel(NGramMLPPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         # position_ids are accepted for the common signature; a window model has no positions.
+        _, output_hidden_states = self.output_flags(output_attentions, output_hidden_states)
         cache, _, seq_len = self.start_forward(input_ids, inputs_embeds, past_key_values, use_cache, output_attentions, kwargs)
         embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, m)
         if attention_mask is not None:
@@ -101,8 +102,10 @@ class NGramMLPModel(NGramMLPPreTrainedModel):
         previous = cache.get_state(0) if cache is not None else None
         features = self.context_windows(embeds, previous)  # (B, T, (n-1)*m)
         if cache is not None:
-            # The last window is the next step's past: (B, (n-1)*m) -> (B, n-1, m).
-            cache.set_state(features[:, -1].unflatten(-1, (self.config.context_size, -1)), 0)
+            # The last window is the next step's past: (B, (n-1)*m) -> (B, n-1, m); every window, (B, T, n-1, m),
+            # is what assisted generation rolls back to.
+            windows = features.unflatten(-1, (self.config.context_size, -1))
+            cache.set_state(windows[:, -1], 0, per_token=windows)
             cache.advance(seq_len)
         hidden_states = self.dropout(self.hidden(features))  # (B, T, H)
         if self.config.direct_connection:
@@ -155,14 +158,19 @@ class NGramMLPForCausalLM(NGramMLPPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(keep_last_positions(outputs.last_hidden_state, logits_to_keep))  # (B, T, C) -> (B, T, V)
         loss = self.causal_lm_loss(logits, labels, loss_kwargs)
         output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if self.wants_dict(return_dict) else output.to_tuple()
 
 
 __all__ = ["NGramMLPForCausalLM", "NGramMLPModel", "NGramMLPPreTrainedModel"]

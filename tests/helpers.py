@@ -138,15 +138,16 @@ def run_attention(
     rope: RotaryEmbedding | None,
     attn_implementation: str,
 ) -> torch.Tensor:
-    """One forward of a single attention layer on x (B, T, C)."""
+    """One forward of a single attention layer on x (B, T, C); the output only (the layer also returns weights)."""
     mask, position_embeddings = prepare_inputs(x.shape[1], mask_2d, cache, rope)
-    return attention(
+    output, _ = attention(
         x,
         attention_mask=mask,
         position_embeddings=position_embeddings,
         past_key_values=cache,
         attn_implementation=attn_implementation,
     )
+    return output
 
 
 def attention_layer(

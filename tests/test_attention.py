@@ -87,12 +87,13 @@ def test_fully_masked_rows_are_finite(function):
     q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     mask = torch.ones(2, 1, 3, 5, dtype=torch.bool)
     mask[0, 0, 0] = False
-    assert torch.isfinite(function(q, k, v, mask, 8**-0.5)).all()
+    output, _ = function(None, q, k, v, mask, scaling=8**-0.5)  # transformers' AttentionInterface contract
+    assert output.shape == (2, 3, 4, 8) and torch.isfinite(output).all()
 
 
 def test_unknown_attention_implementation():
     attention = attention_layer(HIDDEN, HEADS)
-    with pytest.raises(ValueError, match=r"attn_implementation must be one of \['eager', 'sdpa'\], got 'flash'"):
+    with pytest.raises(ValueError, match=r"attn_implementation must be one of \['eager', 'sdpa'\] or a name registered .* got 'flash'"):
         attention(torch.randn(1, 3, HIDDEN), attn_implementation="flash")
     assert set(ATTENTION_FUNCTIONS) == {"eager", "sdpa"}
 

@@ -50,7 +50,7 @@ class TwoLayerAttention(torch.nn.Module):
                 position_embeddings=position_embeddings,
                 past_key_values=cache,
                 attn_implementation=implementation,
-            )
+            )[0]  # (output, attention weights)
         return x
 
 
