@@ -94,7 +94,7 @@ def test_two_cpu_processes_train_what_one_process_trains_at_the_same_global_batc
     saved = load_file(tmp_path / "two" / "tiny" / "model.safetensors")
     torch.testing.assert_close(saved["model.embed_tokens.weight"], rank0_weights["model.embed_tokens.weight"], rtol=0, atol=0)
     assert two.stdout.count("saved to ") == 1 and two.stdout.count("exported as a plain GPT2LMHeadModel") == 1
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["results.json", "tiny", "tiny-gpt2"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".hf_models.lock", "results.json", "tiny", "tiny-gpt2"]
 
 
 @pytest.mark.parametrize(

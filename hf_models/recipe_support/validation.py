@@ -73,8 +73,13 @@ def check_counts(*argument_objects: Any) -> None:
 
 def check_output_dir_writable(output_dir: str, flag: str = "--output_dir") -> None:
     """Create ``output_dir`` and write a file in it, so a folder the lesson cannot save into fails now,
-    not with a bare ``OSError`` after training (when the trained model would be lost)."""
+    not with a bare ``OSError`` after training (when the trained model would be lost).
+
+    The check leaves nothing behind: the probe file goes, and so do the folders the check created
+    (a run refused later, by a launch check, leaves no empty output folder).
+    """
     path = Path(output_dir).expanduser()
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
@@ -84,6 +89,12 @@ def check_output_dir_writable(output_dir: str, flag: str = "--output_dir") -> No
             f"{flag} {output_dir!r} cannot be written ({error.strerror or error}): the lesson saves its model, "
             f"results and plots there. Pass a folder you can write to."
         ) from error
+    finally:
+        for folder in created:
+            try:
+                folder.rmdir()  # only if still empty: another process of the launch may be using it
+            except OSError:
+                break
 
 
 def validate_lesson_args(model_args: Any, data_args: Any, lesson_args: Any, training_args: Any) -> None:
