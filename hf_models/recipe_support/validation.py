@@ -72,29 +72,23 @@ def check_counts(*argument_objects: Any) -> None:
 
 
 def check_output_dir_writable(output_dir: str, flag: str = "--output_dir") -> None:
-    """Create ``output_dir`` and write a file in it, so a folder the lesson cannot save into fails now,
-    not with a bare ``OSError`` after training (when the trained model would be lost).
+    """Refuse now an ``output_dir`` the lesson cannot save into, not with a bare ``OSError`` after training
+    (when the trained model would be lost).
 
-    The check leaves nothing behind: the probe file goes, and so do the folders the check created
-    (a run refused later, by a launch check, leaves no empty output folder).
+    The probe is a uniquely named folder made and removed in the nearest part of the path that exists
+    (the output folder itself, or the parent that would hold it). Nothing is created along the way, so a
+    run refused later (by a launch check) leaves no empty output folder, and the processes of one launch,
+    which all run this check, cannot race over a folder one of them made.
     """
     path = Path(output_dir).expanduser()
-    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    existing = next(p for p in (path, *path.parents) if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-check-"))
     except OSError as error:
         raise ValueError(
             f"{flag} {output_dir!r} cannot be written ({error.strerror or error}): the lesson saves its model, "
             f"results and plots there. Pass a folder you can write to."
         ) from error
-    finally:
-        for folder in created:
-            try:
-                folder.rmdir()  # only if still empty: another process of the launch may be using it
-            except OSError:
-                break
 
 
 def validate_lesson_args(model_args: Any, data_args: Any, lesson_args: Any, training_args: Any) -> None:
