@@ -226,9 +226,10 @@ class RotaryEmbedding(nn.Module):
         """``theta_i = base ** (-2i / D)`` for ``i = 0 .. D/2 - 1``, float32, shape (D/2,)."""
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
         inv_freq = 1.0 / (self.base**exponents)
-        if self.frequency_scaling is not None:
-            scaling = {key: value for key, value in self.frequency_scaling.items() if key != "rope_type"}
-            inv_freq = llama3_scaled_inv_freq(inv_freq, **scaling)
+        scaling = self.frequency_scaling
+        if scaling is not None:
+            inv_freq = llama3_scaled_inv_freq(inv_freq, scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
+                                              scaling["original_max_position_embeddings"])
         return inv_freq
 
     @torch.no_grad()
