@@ -54,7 +54,7 @@ from hf_models.recipe_support import (
     global_batch_size,
     load_lesson_corpus,
     parse_lesson_args,
-    resolve_model_source,
+    resolve_training_model_source,
 )
 from hf_models.tokenization import load_tokenizer_for, token_byte_lengths
 from hf_models.training.loop import TrainingLoop
@@ -90,8 +90,7 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
 output_dir = Path(training_args.output_dir)
 machine = describe_machine()
 precision = choose_bf16(training_args, machine)  # trl's default is bf16; here only where measured faster, or --bf16
-with training_args.main_process_first(desc="the base model"):  # a stock checkpoint is converted once, by the first process
-    base = resolve_model_source(args.base_model, "--base_model", BASE_RECIPE, output_dir, convert=training_args.local_process_index == 0)
+base = resolve_training_model_source(args.base_model, "--base_model", BASE_RECIPE, training_args)  # a stock one converted once
 base_folder = base.folder
 
 # %% [markdown]

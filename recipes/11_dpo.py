@@ -51,7 +51,7 @@ from hf_models.alignment import DPOTrainingLoop, check_dpo_settings, evaluate_pr
 from hf_models.benchmarking import ThroughputCallback, describe_machine, time_interleaved, use_passive_omp_wait
 from hf_models.data import add_chat_template, load_corpus, load_preference_data
 from hf_models.evaluation import evaluate_splits
-from hf_models.recipe_support import finish_lesson, global_batch_size, parse_lesson_args, resolve_model_source, show
+from hf_models.recipe_support import finish_lesson, global_batch_size, parse_lesson_args, resolve_training_model_source, show
 from hf_models.tokenization import load_tokenizer_for, token_byte_lengths
 
 SFT_RECIPE = "recipes/08_lora_sft.py"
@@ -114,8 +114,7 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
 )
 check_dpo_settings(args.beta, args.label_smoothing)
 output_dir = Path(training_args.output_dir)
-with training_args.main_process_first(desc="the SFT model"):  # a stock checkpoint is converted once, by the first process
-    sft = resolve_model_source(args.sft_model, "--sft_model", SFT_RECIPE, output_dir, convert=training_args.local_process_index == 0)
+sft = resolve_training_model_source(args.sft_model, "--sft_model", SFT_RECIPE, training_args)  # a stock one converted once
 sft_folder = sft.folder
 
 # %% [markdown]

@@ -94,4 +94,14 @@ def resolve_model_source(value: str, flag: str, recipe: str, output_dir: str | o
     return ModelSource(folder, describe_zoo_folder(folder))
 
 
-__all__ = ["ModelSource", "convert_stock_checkpoint", "converted_folder", "describe_zoo_folder", "resolve_model_source"]
+def resolve_training_model_source(value: str, flag: str, recipe: str, training_args) -> ModelSource:
+    """:func:`resolve_model_source` for a lesson that may run as several processes (``accelerate launch``): a stock
+    checkpoint is converted by the first process of each machine while the others wait, then read by all."""
+    output_dir = training_args.output_dir
+    if not is_stock_checkpoint(value):
+        return resolve_model_source(value, flag, recipe, output_dir)
+    with training_args.main_process_first(desc="converting the stock checkpoint"):
+        return resolve_model_source(value, flag, recipe, output_dir, convert=training_args.local_process_index == 0)
+
+
+__all__ = ["resolve_training_model_source", "ModelSource", "convert_stock_checkpoint", "converted_folder", "describe_zoo_folder", "resolve_model_source"]
