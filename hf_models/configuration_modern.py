@@ -66,9 +66,39 @@ def require_even_head_dim(config: Any, why: str = "for rotary embeddings") -> No
         raise ValueError(f"{type(config).__name__}.head_dim must be even {why}, got {config.head_dim}{source}.")
 
 
+# The keys of Llama 3's rotary frequency scaling, as transformers' ``rope_parameters`` spells them.
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def require_rope_frequency_scaling(config: Any) -> None:
+    """Raise unless ``config.rope_frequency_scaling`` is ``None`` or Llama 3's scaling with every key it needs."""
+    scaling, name = config.rope_frequency_scaling, type(config).__name__
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict) or scaling.get("rope_type") != "llama3":
+        raise ValueError(
+            f"{name}.rope_frequency_scaling must be None (plain RoPE) or a dict with rope_type 'llama3' "
+            f"and the keys {list(LLAMA3_ROPE_KEYS)}, got {scaling!r}."
+        )
+    for key in LLAMA3_ROPE_KEYS:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name}.rope_frequency_scaling[{key!r}] must be a positive number, got {value!r}.")
+    if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError(
+            f"{name}.rope_frequency_scaling needs high_freq_factor > low_freq_factor (the band between them is blended), "
+            f"got {scaling['high_freq_factor']!r} and {scaling['low_freq_factor']!r}."
+        )
+    if set(scaling) - {"rope_type", *LLAMA3_ROPE_KEYS}:
+        raise ValueError(
+            f"{name}.rope_frequency_scaling has keys Llama 3's scaling does not read: {sorted(set(scaling) - {'rope_type', *LLAMA3_ROPE_KEYS})}."
+        )
+
+
 class ModernDecoderConfig(PreTrainedConfig):
     r"""
-    A LLaMA-style decoder: RMSNorm, SwiGLU, rotary positions, grouped-query attention, no biases.
+    A LLaMA-style decoder: RMSNorm, SwiGLU, rotary positions, grouped-query attention, no biases
+    (unless asked: Qwen2's q/k/v biases and LLaMA's optional ones are fields).
 
     Args:
         vocab_size (`int`, defaults to 2048): Number of tokens.
@@ -84,6 +114,13 @@ class ModernDecoderConfig(PreTrainedConfig):
         head_dim (`int`, *optional*): Per-head size; defaults to `hidden_size // num_attention_heads`.
         rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
         rope_theta (`float`, defaults to 10000.0): Base of the rotary frequencies.
+        rope_frequency_scaling (`dict`, *optional*): `None` for plain RoPE, or Llama 3's frequency scaling for a
+            longer context: `{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"}`, as in transformers' `rope_parameters` (see `RotaryEmbedding`).
+        attention_bias (`bool`, defaults to `False`): Biases on the q, k and v projections (Qwen2 has them).
+        attention_output_bias (`bool`, defaults to `False`): A bias on the attention's output projection `o_proj`
+            (a LLaMA config with `attention_bias=True` has biases on all four projections).
+        mlp_bias (`bool`, defaults to `False`): Biases on the three SwiGLU projections (LLaMA's `mlp_bias`).
         dropout (`float`, defaults to 0.0): Dropout on embeddings and on each residual branch.
         attention_dropout (`float`, defaults to 0.0): Dropout on the attention weights.
         initializer_range (`float`, defaults to 0.02): Std of the normal init.
@@ -106,6 +143,10 @@ class ModernDecoderConfig(PreTrainedConfig):
     head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_frequency_scaling: dict | None = None
+    attention_bias: bool = False
+    attention_output_bias: bool = False
+    mlp_bias: bool = False
     dropout: float = 0.0
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
@@ -141,6 +182,9 @@ class ModernDecoderConfig(PreTrainedConfig):
         require_choice(self, "kv_cache", KV_CACHE_TYPES)
         require_probability(self, "dropout")
         require_probability(self, "attention_dropout")
+        require_rope_frequency_scaling(self)
+        for name in ("attention_bias", "attention_output_bias", "mlp_bias"):
+            require_choice(self, name, (False, True))
 
 
 __all__ = ["ModernDecoderConfig"]

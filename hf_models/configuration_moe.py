@@ -89,6 +89,36 @@ def require_even_head_dim(config: Any, why: str = "for rotary embeddings") -> No
         raise ValueError(f"{type(config).__name__}.head_dim must be even {why}, got {config.head_dim}{source}.")
 
 
+# Copied from hf_models.configuration_modern.LLAMA3_ROPE_KEYS
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+# Copied from hf_models.configuration_modern.require_rope_frequency_scaling
+def require_rope_frequency_scaling(config: Any) -> None:
+    """Raise unless ``config.rope_frequency_scaling`` is ``None`` or Llama 3's scaling with every key it needs."""
+    scaling, name = config.rope_frequency_scaling, type(config).__name__
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict) or scaling.get("rope_type") != "llama3":
+        raise ValueError(
+            f"{name}.rope_frequency_scaling must be None (plain RoPE) or a dict with rope_type 'llama3' "
+            f"and the keys {list(LLAMA3_ROPE_KEYS)}, got {scaling!r}."
+        )
+    for key in LLAMA3_ROPE_KEYS:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name}.rope_frequency_scaling[{key!r}] must be a positive number, got {value!r}.")
+    if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError(
+            f"{name}.rope_frequency_scaling needs high_freq_factor > low_freq_factor (the band between them is blended), "
+            f"got {scaling['high_freq_factor']!r} and {scaling['low_freq_factor']!r}."
+        )
+    if set(scaling) - {"rope_type", *LLAMA3_ROPE_KEYS}:
+        raise ValueError(
+            f"{name}.rope_frequency_scaling has keys Llama 3's scaling does not read: {sorted(set(scaling) - {'rope_type', *LLAMA3_ROPE_KEYS})}."
+        )
+
+
 class MoEDecoderConfig(PreTrainedConfig):
     r"""
     Lesson 5's modern decoder with a sparse mixture of SwiGLU experts in place of each layer's feed-forward.
@@ -108,6 +138,10 @@ class MoEDecoderConfig(PreTrainedConfig):
         head_dim (`int`, *optional*): Per-head size; defaults to `hidden_size // num_attention_heads`.
         rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
         rope_theta (`float`, defaults to 10000.0): Base of the rotary frequencies.
+        rope_frequency_scaling (`dict`, *optional*): `None` for plain RoPE, or Llama 3's frequency scaling
+            (`{"rope_type": "llama3", ...}`, as lesson 5's config; Mixtral's `rope_parameters` may carry it).
+        attention_bias (`bool`, defaults to `False`): Biases on the q, k and v projections (Mixtral: no).
+        attention_output_bias (`bool`, defaults to `False`): A bias on `o_proj` (Mixtral: no).
         dropout (`float`, defaults to 0.0): Dropout on embeddings and on each residual branch.
         attention_dropout (`float`, defaults to 0.0): Dropout on the attention weights.
         initializer_range (`float`, defaults to 0.02): Std of the normal init.
@@ -143,6 +177,9 @@ class MoEDecoderConfig(PreTrainedConfig):
     head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_frequency_scaling: dict | None = None
+    attention_bias: bool = False
+    attention_output_bias: bool = False
     dropout: float = 0.0
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
@@ -186,6 +223,9 @@ class MoEDecoderConfig(PreTrainedConfig):
         require_choice(self, "kv_cache", KV_CACHE_TYPES)
         require_probability(self, "dropout")
         require_probability(self, "attention_dropout")
+        require_rope_frequency_scaling(self)
+        for name in ("attention_bias", "attention_output_bias"):
+            require_choice(self, name, (False, True))
 
 
 __all__ = ["MoEDecoderConfig"]

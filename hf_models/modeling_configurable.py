@@ -205,6 +205,44 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
+# Copied from hf_models.modeling_modern.llama3_scaled_inv_freq
+def llama3_scaled_inv_freq(
+    inv_freq: torch.Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> torch.Tensor:
+    """Llama 3's rotary frequencies for a longer context: slow pairs slowed down, fast pairs left alone.
+
+    Pair ``i`` turns by ``theta_i`` per position, so it completes one turn every ``2 pi / theta_i``
+    positions (its wavelength). Llama 3 was pretrained at 8K tokens, then extended to 128K. Stretching
+    every rotation by ``factor`` (position interpolation) would keep all angles inside the range seen in
+    pretraining, but it also blurs the fast pairs that tell neighbouring tokens apart. Llama 3 splits
+    the pairs by wavelength, measured against the pretraining context ``L``:
+
+    * wavelength shorter than ``L / high_freq_factor``: many full turns within ``L`` already, so a
+      longer context shows them no new angle: left as they are (local order stays sharp);
+    * wavelength longer than ``L / low_freq_factor``: never completed a turn in pretraining, so longer
+      contexts would show angles never seen: divided by ``factor`` (interpolated);
+    * in between: a linear blend of the two, weighted by where ``L / wavelength`` falls between
+      ``low_freq_factor`` and ``high_freq_factor``, so no pair jumps.
+
+    The blend weight clamped to [0, 1] covers all three bands in one expression. Llama-3.1/3.2 ship
+    ``factor=8`` (3.2's small models 32), ``low_freq_factor=1``, ``high_freq_factor=4``, ``L=8192``.
+
+    Args:
+        inv_freq: plain RoPE frequencies ``theta_i``, shape (D/2,).
+        factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: as in
+            transformers' ``rope_parameters`` for ``rope_type="llama3"``.
+    """
+    wavelength = 2 * math.pi / inv_freq  # (D/2,): positions per full turn
+    # 1 (keep) for the fast pairs, 0 (interpolate) for the slow ones, linear in between.
+    keep = (original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    keep = keep.clamp(0.0, 1.0)
+    return (1 - keep) * inv_freq / factor + keep * inv_freq
+
+
 # Copied from hf_models.modeling_modern.RotaryEmbedding
 class RotaryEmbedding(nn.Module):
     """The rotate-half ``cos``/``sin`` tables of rotary position embeddings (RoPE, Su et al. 2021), as ``LlamaRotaryEmbedding``.
@@ -223,21 +261,28 @@ class RotaryEmbedding(nn.Module):
     Args:
         head_dim: per-head feature size ``D`` (even).
         base: ``theta``, the frequency ladder's base (``rope_theta`` in transformers configs).
+        frequency_scaling: ``None``, or Llama 3's ``{"rope_type": "llama3", ...}`` (:func:`llama3_scaled_inv_freq`).
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, frequency_scaling: dict | None = None) -> None:
         super().__init__()
         if head_dim % 2 != 0:
             raise ValueError(f"RotaryEmbedding head_dim must be even, got {head_dim}.")
         self.head_dim = head_dim
         self.base = base
+        self.frequency_scaling = frequency_scaling
         # Not saved (recomputed from the config): the model's _init_weights refills it after a meta-device build.
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
     def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
         """``theta_i = base ** (-2i / D)`` for ``i = 0 .. D/2 - 1``, float32, shape (D/2,)."""
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        return 1.0 / (self.base**exponents)
+        inv_freq = 1.0 / (self.base**exponents)
+        scaling = self.frequency_scaling
+        if scaling is not None:
+            inv_freq = llama3_scaled_inv_freq(inv_freq, scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
+                                              scaling["original_max_position_embeddings"])
+        return inv_freq
 
     @torch.no_grad()
     def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +293,8 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, base={self.base}"
+        scaling = f", scaling={self.frequency_scaling['rope_type']}" if self.frequency_scaling else ""
+        return f"head_dim={self.head_dim}, base={self.base}{scaling}"
 
 
 # Copied from hf_models.modeling_modern.rotate_half

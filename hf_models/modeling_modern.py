@@ -27,11 +27,14 @@ identical logits. Blocks that are the same as lesson 4's are copied from ``model
 
 How it scales: LLaMA-2-7B is this file at 32 layers, width 4096 and 32 heads; Llama-3-8B adds
 GQA with 8 key/value heads (a 4x smaller KV cache) and a 128K vocabulary; long-context variants
-only change the rotary frequencies (``rope_theta``, Llama 3's frequency bands).
+only change the rotary frequencies (``rope_theta``, Llama 3's frequency bands: :func:`llama3_scaled_inv_freq`).
+Qwen2 is this file with biases on q, k and v (``attention_bias``); stock Llama and Qwen2 checkpoints
+load into it through ``hf_models.conversion.stock``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -105,6 +108,43 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
+def llama3_scaled_inv_freq(
+    inv_freq: torch.Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> torch.Tensor:
+    """Llama 3's rotary frequencies for a longer context: slow pairs slowed down, fast pairs left alone.
+
+    Pair ``i`` turns by ``theta_i`` per position, so it completes one turn every ``2 pi / theta_i``
+    positions (its wavelength). Llama 3 was pretrained at 8K tokens, then extended to 128K. Stretching
+    every rotation by ``factor`` (position interpolation) would keep all angles inside the range seen in
+    pretraining, but it also blurs the fast pairs that tell neighbouring tokens apart. Llama 3 splits
+    the pairs by wavelength, measured against the pretraining context ``L``:
+
+    * wavelength shorter than ``L / high_freq_factor``: many full turns within ``L`` already, so a
+      longer context shows them no new angle: left as they are (local order stays sharp);
+    * wavelength longer than ``L / low_freq_factor``: never completed a turn in pretraining, so longer
+      contexts would show angles never seen: divided by ``factor`` (interpolated);
+    * in between: a linear blend of the two, weighted by where ``L / wavelength`` falls between
+      ``low_freq_factor`` and ``high_freq_factor``, so no pair jumps.
+
+    The blend weight clamped to [0, 1] covers all three bands in one expression. Llama-3.1/3.2 ship
+    ``factor=8`` (3.2's small models 32), ``low_freq_factor=1``, ``high_freq_factor=4``, ``L=8192``.
+
+    Args:
+        inv_freq: plain RoPE frequencies ``theta_i``, shape (D/2,).
+        factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: as in
+            transformers' ``rope_parameters`` for ``rope_type="llama3"``.
+    """
+    wavelength = 2 * math.pi / inv_freq  # (D/2,): positions per full turn
+    # 1 (keep) for the fast pairs, 0 (interpolate) for the slow ones, linear in between.
+    keep = (original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    keep = keep.clamp(0.0, 1.0)
+    return (1 - keep) * inv_freq / factor + keep * inv_freq
+
+
 class RotaryEmbedding(nn.Module):
     """The rotate-half ``cos``/``sin`` tables of rotary position embeddings (RoPE, Su et al. 2021), as ``LlamaRotaryEmbedding``.
 
@@ -122,21 +162,28 @@ class RotaryEmbedding(nn.Module):
     Args:
         head_dim: per-head feature size ``D`` (even).
         base: ``theta``, the frequency ladder's base (``rope_theta`` in transformers configs).
+        frequency_scaling: ``None``, or Llama 3's ``{"rope_type": "llama3", ...}`` (:func:`llama3_scaled_inv_freq`).
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, frequency_scaling: dict | None = None) -> None:
         super().__init__()
         if head_dim % 2 != 0:
             raise ValueError(f"RotaryEmbedding head_dim must be even, got {head_dim}.")
         self.head_dim = head_dim
         self.base = base
+        self.frequency_scaling = frequency_scaling
         # Not saved (recomputed from the config): the model's _init_weights refills it after a meta-device build.
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
     def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
         """``theta_i = base ** (-2i / D)`` for ``i = 0 .. D/2 - 1``, float32, shape (D/2,)."""
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        return 1.0 / (self.base**exponents)
+        inv_freq = 1.0 / (self.base**exponents)
+        scaling = self.frequency_scaling
+        if scaling is not None:
+            inv_freq = llama3_scaled_inv_freq(inv_freq, scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
+                                              scaling["original_max_position_embeddings"])
+        return inv_freq
 
     @torch.no_grad()
     def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +194,8 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, base={self.base}"
+        scaling = f", scaling={self.frequency_scaling['rope_type']}" if self.frequency_scaling else ""
+        return f"head_dim={self.head_dim}, base={self.base}{scaling}"
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -397,10 +445,10 @@ class ModernAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.layer_idx = layer_idx
         self.attention_dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_output_bias)
         self.is_causal = True  # read by transformers' attention backends
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
 
@@ -447,7 +495,7 @@ class ModernDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = ModernAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.residual_dropout = dropout_or_identity(config.dropout)
 
     def forward(
@@ -497,7 +545,7 @@ class ModernDecoderModel(ModernDecoderPreTrainedModel):
     def __init__(self, config: ModernDecoderConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, base=config.rope_theta)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, base=config.rope_theta, frequency_scaling=config.rope_frequency_scaling)
         self.dropout = dropout_or_identity(config.dropout)
         self.layers = nn.ModuleList(ModernDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)

@@ -79,7 +79,8 @@ from hf_models.benchmarking import describe_machine, quartiles, time_interleaved
 # above: the harness this lesson shares with benchmarks/kv_cache.py.
 from hf_models.benchmarking.generation import CACHES, HAND_WRITTEN, LESSON5_FOLDER, greedy, kv_cache_memory, lesson_model, prompts
 from hf_models.files import write_json_atomically
-from hf_models.recipe_support import recipe_argv, show
+from hf_models.conversion import is_stock_checkpoint
+from hf_models.recipe_support import recipe_argv, resolve_model_source, show
 from hf_models.recipe_support.validation import check_output_dir_writable, lesson5_model_folder
 
 
@@ -87,7 +88,8 @@ from hf_models.recipe_support.validation import check_output_dir_writable, lesso
 class KVCacheArguments:
     model_folder: str = field(
         default=LESSON5_FOLDER,
-        metadata={"help": "Lesson 5's trained model; a random model of its size is timed if the default folder is missing."},
+        metadata={"help": ("Lesson 5's trained model; a random model of its size is timed if the default folder is missing. "
+                           "Or a stock gpt2/llama/qwen2/mixtral checkpoint, a folder or a Hub id, in the zoo's own class.")},
     )
     output_dir: str = field(default="runs/06_kv_cache", metadata={"help": "Where the plot and results.json go."})
     prompt_tokens: int = field(default=32, metadata={"help": "Prompt length."})
@@ -135,8 +137,14 @@ new_tokens = args.total_tokens - args.prompt_tokens
 # ## 1. Lesson 5's model, and what its cache costs in memory (fp32), with and without GQA.
 
 # %%
-folder = lesson5_model_folder(args.model_folder, LESSON5_FOLDER, "--model_folder")  # refuses a folder without a model
+if is_stock_checkpoint(args.model_folder):  # converted into the zoo's class once, then read as a zoo folder
+    source = resolve_model_source(args.model_folder, "--model_folder", "recipes/05_modern_gpt.py", args.output_dir)
+    folder = source.folder
+else:
+    source, folder = None, lesson5_model_folder(args.model_folder, LESSON5_FOLDER, "--model_folder")  # refuses a folder without a model
 description, model, tokenizer = lesson_model(folder, args.total_tokens, args.seed)
+if source is not None:
+    description = f"{source.description} ({folder})"
 config = model.config
 memory = kv_cache_memory(config, args.total_tokens)
 print(f"{description}: {config.num_hidden_layers} layers, {config.num_attention_heads} query heads, "

@@ -10,10 +10,11 @@
 # 2M weights, we freeze them and train low-rank adapters beside them (LoRA, ``hf_models/adapters``).
 # The recipe, top to bottom:
 #
-# 1. **Data.** The next-line task in trl's conversational format, split by play; the zoo's chat
-#    template is added to the base tokenizer; answers alone carry the loss (``{% generation %}``).
-# 2. **The base.** Lesson 5's saved model, loaded with ``from_pretrained`` as a user starts from a
-#    pretrained checkpoint; scored on the held-out plays before any fine-tuning.
+# 1. **Data.** The next-line task in trl's conversational format, split by play, through the base's
+#    chat template (the zoo's where it has none); answers alone carry the loss (``{% generation %}``).
+# 2. **The base.** Lesson 5's saved model by default, or a stock checkpoint (GPT-2, Llama, Qwen2,
+#    Mixtral: a folder or a Hub id) loaded into the zoo's own class; scored on the held-out plays
+#    before any fine-tuning.
 # 3. **Fine-tune twice, same data, budget and settings.** trl's ``SFTTrainer`` with peft's LoRA, and
 #    the hand-written LoRA on lesson 7's ``TrainingLoop``. Both adapt every linear layer of the
 #    decoder (per projection: this decoder has separate q/k/v; lesson 4's GPT fuses them into one
@@ -29,6 +30,7 @@
 #     python recipes/05_modern_gpt.py       # first: the base this lesson starts from
 #     python recipes/08_lora_sft.py         # a few minutes on 2 CPU cores
 #     python recipes/08_lora_sft.py --base_model path/to/zoo/model --dataset my/trl-dataset
+#     python recipes/08_lora_sft.py --base_model HuggingFaceTB/SmolLM2-135M   # a stock base (needs the Hub)
 
 # %%
 from __future__ import annotations
@@ -44,15 +46,15 @@ from trl import SFTConfig, SFTTrainer
 
 from hf_models.adapters import LoRAConfig, apply_lora, lora_to_peft, merge_lora, save_lora, trainable_parameters
 from hf_models.benchmarking import ThroughputCallback, describe_machine, use_passive_omp_wait
-from hf_models.data import add_chat_template, load_instruction_data, score_next_lines
+from hf_models.data import load_instruction_data, score_next_lines, use_training_chat_template
 from hf_models.evaluation import evaluate_splits, generate_answers, response_loss, tokenize_conversation
 from hf_models.recipe_support import (
     choose_bf16,
-    find_model_folder,
     finish_lesson,
     global_batch_size,
     load_lesson_corpus,
     parse_lesson_args,
+    resolve_training_model_source,
 )
 from hf_models.tokenization import load_tokenizer_for, token_byte_lengths
 from hf_models.training.loop import TrainingLoop
@@ -62,7 +64,9 @@ BASE_RECIPE = "recipes/05_modern_gpt.py"
 
 @dataclass
 class LoRAArguments:
-    base_model: str = field(default="runs/05_modern_gpt/modern-gpt-shakespeare", metadata={"help": f"The pretrained zoo model ({BASE_RECIPE} writes it)."})
+    base_model: str = field(default="runs/05_modern_gpt/modern-gpt-shakespeare", metadata={"help": (
+        f"The pretrained base: a zoo model folder ({BASE_RECIPE} writes one), or a stock gpt2/llama/qwen2/mixtral "
+        f"checkpoint, a folder or a Hub id (loaded into the zoo's own class).")})
     instruction_data: str | None = field(default=None, metadata={"help": "A trl-format dataset id, folder or file (default: the plays' next-line task)."})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha: updates are scaled by alpha / r."})
@@ -86,13 +90,16 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
 output_dir = Path(training_args.output_dir)
 machine = describe_machine()
 precision = choose_bf16(training_args, machine)  # trl's default is bf16; here only where measured faster, or --bf16
-base_folder = find_model_folder(args.base_model, "--base_model", BASE_RECIPE)
+base = resolve_training_model_source(args.base_model, "--base_model", BASE_RECIPE, training_args)  # a stock one converted once
+base_folder = base.folder
 
 # %% [markdown]
 # ## 1. Data: conversations through the chat template; the answers carry the loss.
 
 # %%
-tokenizer = add_chat_template(load_tokenizer_for(base_folder))  # refused if it is not the base's tokenizer
+tokenizer = load_tokenizer_for(base_folder)  # refused if it is not the base's tokenizer
+chat_template = use_training_chat_template(tokenizer)  # the base's own where it can mark the answers, else the zoo's
+print(f"base: {base.description}; chat template: {chat_template}")
 tokenizer.padding_side = "right"  # training batches pad after the answer; the saved copy pads left, for generation
 tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
 data = load_instruction_data(args.instruction_data)  # refuses a dataset without messages / prompt+completion, by name
@@ -128,7 +135,8 @@ def evaluate(model: torch.nn.Module) -> dict:
 def load_base() -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(base_folder)
 
-results: dict = {"machine": machine.to_dict(), "precision": precision, "base_model": str(base_folder), "before": evaluate(load_base())}
+results: dict = {"machine": machine.to_dict(), "precision": precision, "base_model": str(base_folder), "base": base.description,
+                  "chat_template": chat_template, "before": evaluate(load_base())}
 
 # 3a. trl's SFTTrainer + peft LoRA: every linear layer of the decoder, the tied LM head left alone.
 lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
@@ -164,7 +172,7 @@ results["tokens_per_second"] = {"trl + peft": throughput.tokens_per_second, "han
                                 "hand_over_trl": hand.tokens_per_second / throughput.tokens_per_second}
 header = "| model | response loss | response perplexity | format | exact | near | task score | trainable | tokens/s | held-out bits/byte |"
 table = [header, "|---|---|---|---|---|---|---|---|---|---|"]
-for label, key, params, speed in (("base (lesson 5)", "before", None, None),
+for label, key, params, speed in ((f"base ({base.description})", "before", None, None),
                                   ("trl SFTTrainer + peft LoRA", "after_peft", trainable["peft"], throughput.tokens_per_second),
                                   ("hand LoRA + lesson 7 loop", "after_hand", trainable["hand"], hand.tokens_per_second)):
     row = results[key]
@@ -190,16 +198,16 @@ merged = merge_lora(hand_model)
 results[held_out] = results["after_hand"]["held_out_text"][held_out]
 after, before = results["after_hand"], results["before"]
 card = dict(
-    summary=(f"Lesson 5's modern decoder (`{base_folder}`) fine-tuned on the plays' next-line task with a hand-written LoRA "
+    summary=(f"The base {base.description} (`{base_folder}`) fine-tuned on the plays' next-line task with a hand-written LoRA "
              f"(rank {lora['rank']}, alpha {lora['alpha']:g}, every linear layer but the tied LM head; "
              f"{trainable['hand'][0]:,} trainable parameters, {trainable['hand'][0] / trainable['hand'][1]:.1%}) on lesson 7's loop, "
              f"then merged. On held-out plays its answers keep the task's format {after['task']['format']:.0%} of the time "
              f"(base {before['task']['format']:.0%}), task score {after['task']['task']:.3f} (base {before['task']['task']:.3f}), "
              f"response loss {after['response']['loss']:.3f} (base {before['response']['loss']:.3f}).\n\n{table}"),
     lesson="8 (supervised fine-tuning with LoRA)", recipe="recipes/08_lora_sft.py", tags=["lora", "sft", "peft", "trl"],
-    tokenizer=f"lesson 5's byte-level BPE ({len(tokenizer)} tokens) with the zoo's chat template",
-    limitations=("A 2M-parameter model: it learns the answer format and the voice of a reply, rarely Shakespeare's exact line. "
-                 "The chat template's markers are plain text, and the model knows only this one task."),
+    tokenizer=f"the base's ({len(tokenizer)} tokens), with {chat_template}",
+    limitations=(f"A {merged.num_parameters():,}-parameter model fine-tuned on one small task: the default base learns the answer "
+                 f"format and the voice of a reply, rarely Shakespeare's exact line; the model knows only this one task."),
     training=dict(method="LoRA SFT, answers only", steps=steps, conversations_per_step=batch, learning_rate=training_args.learning_rate,
                   base=str(base_folder)),
 )

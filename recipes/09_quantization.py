@@ -28,6 +28,7 @@
 # Run:
 #     python recipes/09_quantization.py                        # a few minutes on 2 CPU cores
 #     python recipes/09_quantization.py --model path/to/any/zoo/decoder/folder
+#     python recipes/09_quantization.py --model Qwen/Qwen2.5-0.5B   # a stock checkpoint, in the zoo's own class
 
 # %%
 from __future__ import annotations
@@ -46,13 +47,14 @@ from hf_models.evaluation import evaluate_token_stream
 from hf_models.files import save_folder_atomically, write_json_atomically
 from hf_models.int8 import DEFAULT_THRESHOLD, Int8Linear, absmax_quantize, llm_int8_matmul, outlier_columns, w8a8_matmul
 from hf_models.tokenization import load_tokenizer_for, token_byte_lengths, tokenizer_for_saving
-from hf_models.recipe_support import DataArguments, build_model_card, find_model_folder, load_lesson_corpus, recipe_argv
+from hf_models.recipe_support import DataArguments, build_model_card, load_lesson_corpus, recipe_argv, resolve_model_source
 from hf_models.recipe_support.validation import check_counts, check_output_dir_writable
 
 
 @dataclass
 class QuantizationArguments:
-    model: str = field(default="runs/05_modern_gpt/modern-gpt-shakespeare", metadata={"help": "A trained zoo decoder folder (lesson 5's by default)."})
+    model: str = field(default="runs/05_modern_gpt/modern-gpt-shakespeare", metadata={"help": (
+        "A trained zoo decoder folder (lesson 5's by default), or a stock gpt2/llama/qwen2/mixtral checkpoint, a folder or a Hub id.")})
     output_dir: str = field(default="runs/09_quantization", metadata={"help": "Where results.json and the int8 folder go."})
     model_name: str = field(default="modern-gpt-shakespeare-int8", metadata={"help": "Name of the saved int8 folder."})
     saved_scheme: str = field(default="weight_only", metadata={"help": "The hand scheme of the saved int8 folder."})
@@ -203,9 +205,10 @@ def llama_cpp_row(model, tokenizer, texts: list[str], prompt_texts: list[str], n
 args, data_args = HfArgumentParser((QuantizationArguments, DataArguments)).parse_args_into_dataclasses(args=recipe_argv())
 torch.set_num_threads(args.threads)
 torch.set_grad_enabled(False)
-folder, output_dir = find_model_folder(args.model, "--model", "recipes/05_modern_gpt.py"), Path(args.output_dir)
 check_counts(data_args)  # --max_eval_tokens
 check_output_dir_writable(args.output_dir)
+source = resolve_model_source(args.model, "--model", "recipes/05_modern_gpt.py", args.output_dir)
+folder, output_dir = source.folder, Path(args.output_dir)
 
 # %% [markdown]
 # ## 1. Data: the held-out split of the corpus the model was trained on, and a fixed prompt set.
@@ -311,10 +314,10 @@ saved = models[{"weight_only": "hand int8 weight-only", "llm_int8": "hand LLM.in
 name = next(n for n, m in models.items() if m is saved)
 card = build_model_card(
     model_name=args.model_name, lesson="9 (INT8 quantization by hand)", recipe="recipes/09_quantization.py",
-    summary=f"Lesson 5's modern decoder with every linear layer but the tied LM head in int8 ({args.saved_scheme}: absmax, "
+    summary=f"The {source.description} with every linear layer but the tied LM head in int8 ({args.saved_scheme}: absmax, "
     f"symmetric, per output channel; hf_models/int8.py). Load: AutoModelForCausalLM.from_pretrained(folder) "
     f"(or trust_remote_code=True without hf_models).",
-    dataset=data_args.dataset, tokenizer=f"{len(tokenizer)} tokens, as lesson 5",
+    dataset=data_args.dataset, tokenizer=f"{len(tokenizer)} tokens, the model's own",
     results={split: rows[name]["held_out"]},
     training={"quantization": f"{name}, post-training, no calibration data", "source model": str(folder),
               "perplexity vs fp32": f"{100 * (rows[name]['perplexity'] / fp32['perplexity'] - 1):+.2f}%",
@@ -332,7 +335,7 @@ def write(tmp: Path) -> None:
 
 int8_folder = save_folder_atomically(output_dir / args.model_name, write)
 write_json_atomically(output_dir / "results.json", dict(
-    arguments=asdict(args), data=asdict(data_args), model_folder=str(folder), split=split, machine=machine.to_dict(),
+    arguments=asdict(args), data=asdict(data_args), model_folder=str(folder), model=source.description, split=split, machine=machine.to_dict(),
     results=rows, llama_cpp_q8_0=llama, outliers=story, single_layer_speed_vs_fp32=layer, int8_folder=str(int8_folder),
     timings={f"batch{batch}": t.to_dict() for batch, t in timings.items()},
 ))

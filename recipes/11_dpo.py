@@ -12,7 +12,9 @@
 #
 # 1. **Data.** The preference pairs (trl's conversational prompt / chosen / rejected format, split by
 #    play into train / test), tokenized with the SFT model's chat template exactly as trl does.
-# 2. **Models.** Lesson 8's merged SFT model is both the starting policy and the frozen reference.
+# 2. **Models.** Lesson 8's merged SFT model is both the starting policy and the frozen reference. (Or a
+#    stock checkpoint, a folder or a Hub id, loaded into the zoo's own class; lesson 8 run on a stock
+#    base first gives DPO the SFT model it expects.)
 # 3. **Train twice, same data and budget.** With trl's ``DPOTrainer`` (no ``ref_model``: trl rebuilds
 #    the reference from ``config._name_or_path``, the folder the policy was loaded from) and with the
 #    hand-written ``DPOTrainingLoop``. Held-out reward accuracy and margins are logged during
@@ -26,6 +28,8 @@
 #     python recipes/08_lora_sft.py          # first: the SFT model this lesson starts from
 #     python recipes/11_dpo.py               # a few minutes on 2 CPU cores
 #     python recipes/11_dpo.py --sft_model path/to/sft --beta 0.1 --label_smoothing 0.1
+#     python recipes/08_lora_sft.py --base_model HuggingFaceTB/SmolLM2-135M --output_dir runs/08_smollm2
+#     python recipes/11_dpo.py --sft_model runs/08_smollm2    # DPO from a stock base, through lesson 8's SFT
 
 # %%
 from __future__ import annotations
@@ -47,7 +51,7 @@ from hf_models.alignment import DPOTrainingLoop, check_dpo_settings, evaluate_pr
 from hf_models.benchmarking import ThroughputCallback, describe_machine, time_interleaved, use_passive_omp_wait
 from hf_models.data import add_chat_template, load_corpus, load_preference_data
 from hf_models.evaluation import evaluate_splits
-from hf_models.recipe_support import find_model_folder, finish_lesson, global_batch_size, parse_lesson_args, show
+from hf_models.recipe_support import finish_lesson, global_batch_size, parse_lesson_args, resolve_training_model_source, show
 from hf_models.tokenization import load_tokenizer_for, token_byte_lengths
 
 SFT_RECIPE = "recipes/08_lora_sft.py"
@@ -56,7 +60,9 @@ CURVES = ("rewards/accuracies", "rewards/margins")
 
 @dataclass
 class DPOArguments:
-    sft_model: str = field(default="runs/08_lora_sft", metadata={"help": f"Lesson 8's SFT model folder (or the run folder holding it; {SFT_RECIPE} writes it)."})
+    sft_model: str = field(default="runs/08_lora_sft", metadata={"help": (
+        f"Lesson 8's SFT model folder (or the run folder holding it; {SFT_RECIPE} writes it), or a stock "
+        f"gpt2/llama/qwen2/mixtral checkpoint, a folder or a Hub id (loaded into the zoo's own class).")})
     preference_data: str | None = field(default=None, metadata={"help": "Preference pairs: a name or folder for load_preference_data (default: lesson 8's Shakespeare pairs)."})
     beta: float = field(default=0.1, metadata={"help": "DPO temperature: how far the policy may move from the reference."})
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO: probability that a preference label is flipped, in [0, 0.5)."})
@@ -108,7 +114,8 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
 )
 check_dpo_settings(args.beta, args.label_smoothing)
 output_dir = Path(training_args.output_dir)
-sft_folder = find_model_folder(args.sft_model, "--sft_model", SFT_RECIPE)
+sft = resolve_training_model_source(args.sft_model, "--sft_model", SFT_RECIPE, training_args)  # a stock one converted once
+sft_folder = sft.folder
 
 # %% [markdown]
 # ## 1. Data: preference pairs, rendered by the SFT model's chat template and tokenized as trl does.
@@ -152,7 +159,7 @@ config = DPOConfig(
     **{f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init},
     beta=args.beta, label_smoothing=args.label_smoothing, loss_type=["sigmoid"], max_length=args.max_length,
 )
-results: dict = {"machine": describe_machine().to_dict(), "sft_model": str(sft_folder),
+results: dict = {"machine": describe_machine().to_dict(), "sft_model": str(sft_folder), "start": sft.description,
                  "settings": dict(beta=args.beta, label_smoothing=args.label_smoothing, steps=training_args.max_steps,
                                   pairs_per_step=global_batch, training_pairs=len(tokens["train"]))}
 
@@ -228,7 +235,7 @@ output_dir.mkdir(parents=True, exist_ok=True)
 figure.savefig(output_dir / "dpo_curves.png", dpi=120)
 results["plot"] = str(show(output_dir / "dpo_curves.png"))
 
-rows = [("SFT model (before)", results["before"]), ("DPO, trl DPOTrainer", results["after_trl"]), ("DPO, hand loop", results["after_hand"])]
+rows = [(f"start: {sft.description} (before)", results["before"]), ("DPO, trl DPOTrainer", results["after_trl"]), ("DPO, hand loop", results["after_hand"])]
 table = ["| model | reward accuracy | reward margin | likelihood accuracy | test bits per byte |", "|---|---|---|---|---|"]
 for label, row in rows:
     bpb = row["held_out_text"].get("test", {}).get("bits_per_byte", float("nan"))
@@ -254,7 +261,7 @@ else:  # a non-Shakespeare preference set: report the held-out DPO loss in the c
     results["test"] = {"loss": results["after_hand"]["loss"], "perplexity": float("nan"), "bits_per_byte": float("nan"), "tokens": 0}
 before, after = results["before"], results["after_hand"]
 card = dict(
-    summary=(f"The SFT model `{sft_folder}` (lesson 8) aligned with DPO (beta {args.beta}) on Shakespeare preference pairs (the true next "
+    summary=(f"The {sft.description} (`{sft_folder}`) aligned with DPO (beta {args.beta}) on Shakespeare preference pairs (the true next "
              f"line preferred over a line from another play), with the hand-written DPO loop of `hf_models.alignment`. "
              f"On held-out plays its implicit reward (beta * log pi / pi_SFT) ranks the chosen line first on "
              f"{after['rewards/accuracies']:.3f} of the pairs (mean margin {after['rewards/margins']:.3f}); the SFT model's "
@@ -264,7 +271,7 @@ card = dict(
     lesson="11 (alignment: DPO)",
     tags=["dpo", "trl", "alignment"],
     recipe="recipes/11_dpo.py",
-    tokenizer=f"lesson 8's, with its chat template ({len(tokenizer)} tokens)",
+    tokenizer=f"the start model's, with its chat template ({len(tokenizer)} tokens)",
     limitations=("A few-million-parameter model on one small corpus: the preference it learns is 'a plausible next line "
                  "of this play', not helpfulness or safety. Implicit rewards are relative to the SFT reference."),
     training=dict(method="DPO, sigmoid loss" + (f", cDPO label smoothing {args.label_smoothing}" if args.label_smoothing else ""),

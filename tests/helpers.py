@@ -167,3 +167,75 @@ def attention_layer(
         norm="rmsnorm", positions="rope", num_hidden_layers=max(1, layer_idx + 1),
     )
     return ConfigurableAttention(config, layer_idx)
+
+
+# ----------------------------------------------------------------------------- stock checkpoints (random-weight twins)
+
+# A chat template in the shape of Mixtral-Instruct's ([INST] ... [/INST]), written here: no {% generation %} markers,
+# and none that trl knows how to add, so lesson 8 falls back to the zoo's template for it.
+INST_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def stock_twin_config(model_type: str, vocab_size: int, **overrides):
+    """A tiny config of transformers' own class for ``model_type``, with the features the loader must carry exactly:
+    GQA everywhere; explicit head_dim (llama, mixtral); untied heads (llama, mixtral) and tied ones (gpt2, qwen2);
+    attention and MLP biases (llama), Qwen2's q/k/v biases; a non-default rope_theta (qwen2, mixtral); and Llama 3's
+    rotary scaling, with a pretraining context (256) that puts head_dim 16's frequencies in all three of its bands."""
+    from transformers import GPT2Config, MixtralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    if model_type == "gpt2":
+        config = dict(vocab_size=vocab_size, n_positions=1024, n_embd=32, n_layer=2, n_head=4, bos_token_id=vocab_size - 1,
+                      eos_token_id=vocab_size - 1)
+        return GPT2Config(**{**config, **overrides})
+    if model_type == "llama":
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256}
+        return LlamaConfig(**{**common, "head_dim": 16, "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False,
+                              "rope_parameters": rope, **overrides})
+    if model_type == "qwen2":
+        return Qwen2Config(**{**common, "tie_word_embeddings": True, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+                              **overrides})
+    if model_type == "mixtral":
+        return MixtralConfig(**{**common, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False,
+                                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, **overrides})
+    raise ValueError(f"no stock twin for {model_type!r}")
+
+
+def stock_twin_tokenizer(model_type: str):
+    """A real byte-level BPE ``tokenizer.json`` trained on ``TINY_TEXT``, with the family's kind of chat template:
+    Qwen2.5's (which trl can mark for training), an [INST] template for Mixtral (which it cannot), none for GPT-2 and Llama."""
+    from pathlib import Path
+
+    import trl
+
+    from hf_models.tokenization import ByteLevelBPE
+
+    tokenizer = ByteLevelBPE.train([TINY_TEXT * 4], vocab_size=256 + 40 + 1, min_frequency=1).to_fast_tokenizer()
+    if model_type == "qwen2":
+        tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+    elif model_type == "mixtral":
+        tokenizer.chat_template = INST_CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_stock_twin(model_type: str, folder, seed: int = 0, **overrides):
+    """A random-weight stock checkpoint in the Hub layout (config.json, model.safetensors, tokenizer files); returns the
+    transformers model. Every parameter is drawn at random, biases and norms included (transformers zeroes biases,
+    which would hide a bias that is not carried)."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = stock_twin_tokenizer(model_type)
+    config = stock_twin_config(model_type, len(tokenizer), **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model

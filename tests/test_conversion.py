@@ -102,8 +102,8 @@ def test_llama_from_transformers_converts_to_ours():
 
 
 def test_unsupported_variants_are_refused_by_name():
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, attention_bias=True))
-    with pytest.raises(ValueError, match="attention_bias"):
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, hidden_act="gelu"))
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
         llama_to_modern(llama)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=1, n_head=4, scale_attn_by_inverse_layer_idx=True))
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):

@@ -338,3 +338,46 @@ def test_lora_sft_lesson_fine_tunes_with_trl_and_by_hand(small_text_file, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=0)
     assert (Path(results["adapters"]["trl-peft"]) / "adapter_config.json").exists()
+
+
+def test_lessons_8_and_11_start_from_a_stock_checkpoint(small_text_file, tmp_path):
+    """Lesson 8 on a random-weight Qwen2 checkpoint in the Hub layout (config.json, model.safetensors, tokenizer.json, its
+    chat template), then lesson 11 on lesson 8's run: the base is loaded into the zoo's own class, keeps its tokenizer and
+    (marked for training by trl) its chat template, and the tables name it by what it is."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_models import ModernDecoderForCausalLM
+    from tests.helpers import save_stock_twin
+
+    save_stock_twin("qwen2", tmp_path / "Qwen2-twin")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODELS_CACHE=str(tmp_path / "cache"), TOKENIZERS_PARALLELISM="false")
+    sft_run = tmp_path / "sft"
+    command = [sys.executable, str(REPO / "recipes" / "08_lora_sft.py"), "--base_model", str(tmp_path / "Qwen2-twin"),
+               "--dataset", "text", "--data_files", str(small_text_file), "--output_dir", str(sft_run), "--model_name", "tiny",
+               "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "512", "--eval_rows", "2",
+               "--max_new_tokens", "4", "--max_eval_tokens", "300", "--sample_tokens", "4", "--bf16", "false", "--lora_rank", "4",
+               "--disable_tqdm", "true"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    results = json.loads((sft_run / "results.json").read_text())
+    assert results["base"] == "qwen2 checkpoint Qwen2-twin" and "| base (qwen2 checkpoint Qwen2-twin) |" in results["table"]
+    assert results["chat_template"] == "the base's own chat template, with trl's {% generation %} markers"
+    converted = AutoModelForCausalLM.from_pretrained(results["base_model"])
+    assert type(converted) is ModernDecoderForCausalLM and converted.config.attention_bias  # the zoo's class, Qwen2's biases
+    sft_folder = Path(results["model_folder"])
+    saved = AutoTokenizer.from_pretrained(sft_folder)
+    assert "<|im_start|>" in saved.chat_template and "{% generation %}" in saved.chat_template  # Qwen2.5's, marked
+    assert saved.get_vocab() == AutoTokenizer.from_pretrained(tmp_path / "Qwen2-twin").get_vocab()
+    assert json.loads((sft_folder / "config.json").read_text())["tokenizer_identity"]["vocab_size"] == len(saved)
+
+    dpo_run = tmp_path / "dpo"
+    command = [sys.executable, str(REPO / "recipes" / "11_dpo.py"), "--sft_model", str(sft_run), "--output_dir", str(dpo_run),
+               "--model_name", "tiny", "--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "2",
+               "--max_length", "512", "--max_eval_pairs", "4", "--curve_eval_pairs", "2", "--max_eval_tokens", "300",
+               "--timing_rounds", "1", "--sample_tokens", "4", "--disable_tqdm", "true"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    results = json.loads((dpo_run / "results.json").read_text())
+    assert results["start"] == "zoo_modern folder tiny, from qwen2 checkpoint Qwen2-twin"
+    assert "| start: zoo_modern folder tiny, from qwen2 checkpoint Qwen2-twin (before) |" in results["table"]
+    assert type(AutoModelForCausalLM.from_pretrained(dpo_run / "tiny")) is ModernDecoderForCausalLM

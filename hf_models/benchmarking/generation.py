@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, StaticCache, StoppingCriteriaList
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache, StoppingCriteriaList
 
 from ..causal_lm import CACHE_FIELD
 from ..configuration_modern import ModernDecoderConfig
@@ -88,7 +88,13 @@ def lesson_model(model_folder: str | os.PathLike | None, max_length: int, seed: 
         folder = Path(model_folder)
         # Rotary positions are computed, not looked up, so the model accepts a longer context as is
         # (its text past the context it was trained on is another matter; speed is what we measure).
-        model = AutoModelForCausalLM.from_pretrained(folder, max_position_embeddings=max_length)
+        config = AutoConfig.from_pretrained(folder)
+        if config.model_type == "zoo_gpt":  # learned positions: a table of max_position_embeddings rows, not to be outgrown
+            if max_length > config.max_position_embeddings:
+                raise ValueError(f"--total_tokens {max_length} exceeds the {config.max_position_embeddings} positions the GPT in {folder} learned.")
+            model = AutoModelForCausalLM.from_pretrained(folder)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, max_position_embeddings=max_length)
         tokenizer = load_tokenizer_for(folder) if (folder / "tokenizer_config.json").exists() else None
         description = f"lesson 5's trained model ({folder})"
     else:

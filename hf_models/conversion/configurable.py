@@ -58,6 +58,12 @@ def configurable_config_from(config: PreTrainedConfig) -> ConfigurableDecoderCon
     """The configurable config that builds the same model as a GPT, modern or MoE config."""
     if isinstance(config, ConfigurableDecoderConfig):
         return copy.deepcopy(config)
+    if isinstance(config, (ModernDecoderConfig, MoEDecoderConfig)):
+        # Fields of the stock checkpoints (Qwen2's biases, Llama 3's rotary scaling) that lesson 12 has no toggle for.
+        extras = {name: getattr(config, name) for name in ("attention_bias", "attention_output_bias", "mlp_bias", "rope_frequency_scaling")
+                  if getattr(config, name, None) not in (None, False)}
+        if extras:
+            raise ValueError(f"The configurable decoder has no field for {extras}: this {type(config).__name__} has no preset.")
     if isinstance(config, MoEDecoderConfig):
         return ConfigurableDecoderConfig.preset(
             "moe", **_shared(config), **{name: getattr(config, name) for name in MOE_FIELDS},

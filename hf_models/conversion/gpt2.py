@@ -17,6 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from ..configuration_gpt import GPTConfig
 from ..modeling_gpt import GPTForCausalLM
+from .stock_configs import gpt_config_from_gpt2
 
 
 def _gpt2_config(config: GPTConfig) -> GPT2Config:
@@ -33,7 +34,7 @@ def _gpt2_config(config: GPTConfig) -> GPT2Config:
         attn_pdrop=config.attention_dropout,
         layer_norm_epsilon=config.layer_norm_eps,
         initializer_range=config.initializer_range,
-        tie_word_embeddings=True,
+        tie_word_embeddings=config.tie_word_embeddings,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
@@ -44,8 +45,6 @@ def _gpt2_config(config: GPTConfig) -> GPT2Config:
 def gpt_to_gpt2(model: GPTForCausalLM) -> GPT2LMHeadModel:
     """A ``GPT2LMHeadModel`` computing the same function as ``model``."""
     config = model.config
-    if not config.tie_word_embeddings:
-        raise ValueError("GPT2LMHeadModel always ties its LM head to wte; this model has tie_word_embeddings=False.")
     target = GPT2LMHeadModel(_gpt2_config(config)).to(model.dtype).eval()
     target.config._attn_implementation = model.config._attn_implementation
     decoder, out = model.model, target.transformer
@@ -72,39 +71,21 @@ def gpt_to_gpt2(model: GPTForCausalLM) -> GPT2LMHeadModel:
         copy(theirs.mlp.c_proj.bias, ours.mlp.down_proj.bias)
     copy(out.ln_f.weight, decoder.norm.weight)
     copy(out.ln_f.bias, decoder.norm.bias)
-    target.tie_weights()
+    if config.tie_word_embeddings:
+        target.tie_weights()
+    else:
+        copy(target.lm_head.weight, model.lm_head.weight)
     return target
 
 
 @torch.no_grad()
 def gpt2_to_gpt(model: GPT2LMHeadModel) -> GPTForCausalLM:
-    """A zoo ``GPTForCausalLM`` computing the same function as a ``GPT2LMHeadModel``."""
-    c = model.config
-    unsupported = {
-        "scale_attn_by_inverse_layer_idx": c.scale_attn_by_inverse_layer_idx,
-        "reorder_and_upcast_attn": c.reorder_and_upcast_attn,
-        "scale_attn_weights": not c.scale_attn_weights,
-    }
-    if any(unsupported.values()):
-        raise ValueError(f"GPT2 variants the zoo GPT does not implement: {[k for k, v in unsupported.items() if v]}.")
-    config = GPTConfig(
-        vocab_size=c.vocab_size,
-        max_position_embeddings=c.n_positions,
-        hidden_size=c.n_embd,
-        num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head,
-        intermediate_size=c.n_inner or 4 * c.n_embd,
-        hidden_act=c.activation_function,
-        bias=True,
-        layer_norm_eps=c.layer_norm_epsilon,
-        dropout=c.resid_pdrop,
-        attention_dropout=c.attn_pdrop,
-        initializer_range=c.initializer_range,
-        tie_word_embeddings=True,
-        bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id,
-        pad_token_id=c.pad_token_id,
-    )
+    """A zoo ``GPTForCausalLM`` computing the same function as a ``GPT2LMHeadModel`` (tied or untied head).
+
+    The config is translated by :func:`~.stock_configs.gpt_config_from_gpt2`, which refuses, by
+    name, every GPT-2 variant the zoo GPT does not compute exactly.
+    """
+    config = gpt_config_from_gpt2(model.config)
     target = GPTForCausalLM(config).to(model.dtype).eval()
     target.config._attn_implementation = model.config._attn_implementation
     decoder, src = target.model, model.transformer
@@ -126,5 +107,8 @@ def gpt2_to_gpt(model: GPT2LMHeadModel) -> GPTForCausalLM:
         ours.mlp.down_proj.bias.copy_(theirs.mlp.c_proj.bias)
     decoder.norm.weight.copy_(src.ln_f.weight)
     decoder.norm.bias.copy_(src.ln_f.bias)
-    target.tie_weights()
+    if config.tie_word_embeddings:
+        target.tie_weights()
+    else:
+        target.lm_head.weight.copy_(model.lm_head.weight)
     return target

@@ -1,25 +1,32 @@
-"""Modern decoder <-> ``transformers.LlamaForCausalLM``.
+"""Modern decoder <-> ``transformers.LlamaForCausalLM`` (and ``Qwen2ForCausalLM`` into the zoo).
 
 The zoo's modern decoder uses LLaMA's module names and the same rotate-half rotary layout, so
-the state dicts map one to one; only the configs differ in spelling. (A checkpoint in Meta's
-original interleaved layout would first need ``hf_models.conversion.rotary_layout.permute_for_rotate_half`` on its
-q and k weights, exactly as transformers' own conversion script does.)
+the state dicts map one to one; only the configs differ in spelling. Qwen2 is the same decoder with
+biases on q, k and v, which the modern decoder has as ``attention_bias``; its weights carry the
+same names too. (A checkpoint in Meta's original interleaved layout would first need
+``hf_models.conversion.rotary_layout.permute_for_rotate_half`` on its q and k weights, exactly as
+transformers' own conversion script does.)
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from ..configuration_modern import ModernDecoderConfig
 from ..modeling_modern import ModernDecoderForCausalLM
+from .stock_configs import modern_config_from_stock
 
 
-@torch.no_grad()
-def modern_to_llama(model: ModernDecoderForCausalLM) -> LlamaForCausalLM:
-    """A ``LlamaForCausalLM`` computing the same function as ``model``."""
-    c = model.config
-    config = LlamaConfig(
+def _llama_config(c: ModernDecoderConfig) -> LlamaConfig:
+    """The ``LlamaConfig`` of a modern config, or a ValueError for what LLaMA's config cannot say."""
+    if c.attention_bias != c.attention_output_bias:
+        raise ValueError(
+            f"LlamaForCausalLM's attention_bias covers q, k, v and o together; this model has attention_bias="
+            f"{c.attention_bias} and attention_output_bias={c.attention_output_bias} (Qwen2's layout), which it cannot express."
+        )
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_frequency_scaling or {})}
+    return LlamaConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
@@ -29,10 +36,10 @@ def modern_to_llama(model: ModernDecoderForCausalLM) -> LlamaForCausalLM:
         head_dim=c.head_dim,
         max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        rope_parameters=rope,
         hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
+        attention_bias=c.attention_bias,
+        mlp_bias=c.mlp_bias,
         attention_dropout=c.attention_dropout,
         initializer_range=c.initializer_range,
         tie_word_embeddings=c.tie_word_embeddings,
@@ -40,51 +47,35 @@ def modern_to_llama(model: ModernDecoderForCausalLM) -> LlamaForCausalLM:
         eos_token_id=c.eos_token_id,
         pad_token_id=c.pad_token_id,
     )
-    target = LlamaForCausalLM(config).to(model.dtype).eval()
-    target.config._attn_implementation = c._attn_implementation
-    missing, unexpected = target.load_state_dict(model.state_dict(), strict=False)
+
+
+def _load_one_to_one(target: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = target.load_state_dict(state, strict=False)
     # Only the tied head may be absent, and nothing may be left over.
-    if unexpected or set(missing) - {"lm_head.weight"}:
+    if unexpected or set(missing) - {"lm_head.weight"} or (missing and not target.config.tie_word_embeddings):
         raise RuntimeError(f"state dicts do not map one to one: missing={missing}, unexpected={unexpected}")
-    target.tie_weights()
+    if target.config.tie_word_embeddings:
+        target.tie_weights()
+
+
+@torch.no_grad()
+def modern_to_llama(model: ModernDecoderForCausalLM) -> LlamaForCausalLM:
+    """A ``LlamaForCausalLM`` computing the same function as ``model``."""
+    target = LlamaForCausalLM(_llama_config(model.config)).to(model.dtype).eval()
+    target.config._attn_implementation = model.config._attn_implementation
+    _load_one_to_one(target, model.state_dict())
     return target
 
 
 @torch.no_grad()
-def llama_to_modern(model: LlamaForCausalLM) -> ModernDecoderForCausalLM:
-    """A zoo ``ModernDecoderForCausalLM`` computing the same function as a ``LlamaForCausalLM``."""
-    c = model.config
-    rope = c.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
-    problems = {
-        "rope_type": rope.get("rope_type", "default") != "default",
-        "hidden_act": c.hidden_act != "silu",
-        "attention_bias": c.attention_bias,
-        "mlp_bias": c.mlp_bias,
-    }
-    if any(problems.values()):
-        raise ValueError(f"LLaMA variants the zoo modern decoder does not implement: {[k for k, v in problems.items() if v]}.")
-    config = ModernDecoderConfig(
-        vocab_size=c.vocab_size,
-        max_position_embeddings=c.max_position_embeddings,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        head_dim=c.head_dim,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_theta=float(rope["rope_theta"]),
-        attention_dropout=float(c.attention_dropout),
-        initializer_range=c.initializer_range,
-        tie_word_embeddings=c.tie_word_embeddings,
-        bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id,
-        pad_token_id=c.pad_token_id,
-    )
+def llama_to_modern(model: PreTrainedModel) -> ModernDecoderForCausalLM:
+    """A zoo ``ModernDecoderForCausalLM`` computing the same function as a ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``.
+
+    The config is translated by :func:`~.stock_configs.modern_config_from_stock`, which refuses, by
+    name, every field value the modern decoder does not compute exactly.
+    """
+    config = modern_config_from_stock(model.config)
     target = ModernDecoderForCausalLM(config).to(model.dtype).eval()
-    target.config._attn_implementation = c._attn_implementation
-    missing, unexpected = target.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"state dicts do not map one to one: missing={missing}, unexpected={unexpected}")
-    target.tie_weights()
+    target.config._attn_implementation = model.config._attn_implementation
+    _load_one_to_one(target, model.state_dict())
     return target

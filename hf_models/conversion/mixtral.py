@@ -29,6 +29,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from ..configuration_moe import MoEDecoderConfig
 from ..modeling_moe import MoEDecoderForCausalLM
+from .stock_configs import moe_config_from_mixtral
 
 # Config fields spelled the same in both models.
 SHARED_FIELDS = (
@@ -79,18 +80,24 @@ def mixtral_to_moe_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
 def _load(target: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load ``state`` into ``target``; only the tied LM head may be missing, and nothing may be left over."""
     missing, unexpected = target.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
+    if unexpected or set(missing) - {"lm_head.weight"} or (missing and not target.config.tie_word_embeddings):
         raise RuntimeError(f"state dicts do not map one to one: missing={missing}, unexpected={unexpected}")
-    target.tie_weights()
+    if target.config.tie_word_embeddings:
+        target.tie_weights()
 
 
 @torch.no_grad()
 def moe_to_mixtral(model: MoEDecoderForCausalLM) -> MixtralForCausalLM:
     """A ``MixtralForCausalLM`` computing the same function as ``model`` (logits, router logits, aux loss)."""
     c = model.config
+    if c.attention_bias or c.attention_output_bias:
+        raise ValueError(
+            f"MixtralForCausalLM has no attention biases; this model has attention_bias={c.attention_bias}, "
+            f"attention_output_bias={c.attention_output_bias}."
+        )
     config = MixtralConfig(
         **{name: getattr(c, name) for name in SHARED_FIELDS},
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_frequency_scaling or {})},
         hidden_act="silu",
         attention_dropout=c.attention_dropout,
         sliding_window=None,
@@ -104,24 +111,14 @@ def moe_to_mixtral(model: MoEDecoderForCausalLM) -> MixtralForCausalLM:
 
 @torch.no_grad()
 def mixtral_to_moe(model: MixtralForCausalLM) -> MoEDecoderForCausalLM:
-    """A zoo ``MoEDecoderForCausalLM`` computing the same function as a ``MixtralForCausalLM``."""
-    c = model.config
-    rope = c.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
-    problems = {
-        "rope_type": rope.get("rope_type", "default") != "default",
-        "hidden_act": c.hidden_act != "silu",
-        "sliding_window": c.sliding_window is not None and c.sliding_window < c.max_position_embeddings,
-        "router_jitter_noise": c.router_jitter_noise != 0,
-    }
-    if any(problems.values()):
-        raise ValueError(f"Mixtral variants the zoo MoE decoder does not implement: {[k for k, v in problems.items() if v]}.")
-    config = MoEDecoderConfig(
-        **{name: getattr(c, name) for name in SHARED_FIELDS},
-        rope_theta=float(rope["rope_theta"]),
-        attention_dropout=float(c.attention_dropout),
-    )
+    """A zoo ``MoEDecoderForCausalLM`` computing the same function as a ``MixtralForCausalLM``.
+
+    The config is translated by :func:`~.stock_configs.moe_config_from_mixtral`, which refuses, by
+    name, every field value the MoE decoder does not compute exactly.
+    """
+    config = moe_config_from_mixtral(model.config)
     target = MoEDecoderForCausalLM(config).to(model.dtype).eval()
-    target.config._attn_implementation = c._attn_implementation
+    target.config._attn_implementation = model.config._attn_implementation
     _load(target, mixtral_to_moe_state_dict(model.state_dict()))
     return target
 

@@ -18,6 +18,7 @@ from .corpora import (
 from .instructions import (
     CHAT_TEMPLATE,
     add_chat_template,
+    use_training_chat_template,
     build_instruction_dataset,
     build_preference_dataset,
     load_instruction_data,
@@ -37,6 +38,7 @@ from .packing import (
 __all__ = [
     "CHAT_TEMPLATE",
     "add_chat_template",
+    "use_training_chat_template",
     "build_instruction_dataset",
     "build_preference_dataset",
     "load_instruction_data",

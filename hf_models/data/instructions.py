@@ -222,6 +222,36 @@ def add_chat_template(tokenizer):
     return tokenizer
 
 
+def use_training_chat_template(tokenizer) -> str:
+    """Give ``tokenizer`` a chat template that marks the answers with ``{% generation %}``; say which one it got.
+
+    Training on the answers alone (trl's ``assistant_only_loss``, :func:`~hf_models.evaluation.tokenize_conversation`)
+    needs the template to mark them. A base keeps its own template where it can, since that is the
+    format its tokens were trained in:
+
+    * its template already has the markers: kept;
+    * trl knows a training version of it (Qwen2.5, Llama 3, Gemma, Phi-3...: the same text, with
+      markers): that one;
+    * no template (lesson 5's model, most base checkpoints): the zoo's (:data:`CHAT_TEMPLATE`);
+    * a template without markers that trl cannot patch: the zoo's, and the returned text says so.
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if tokenizer.chat_template is None:
+        add_chat_template(tokenizer)
+        return "the zoo's chat template (the base has none)"
+    if has_generation_markers(tokenizer.chat_template):
+        return "the base's own chat template"
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except ValueError:  # trl: "patching is not supported for this template"
+        add_chat_template(tokenizer)
+        return ("the zoo's chat template (the base's own has no {% generation %} markers for the answers, "
+                "and trl knows no training version of it)")
+    tokenizer.chat_template = patched
+    return "the base's own chat template, with trl's {% generation %} markers"
+
+
 # ----------------------------------------------------------------------------- user datasets
 
 

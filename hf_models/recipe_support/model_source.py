@@ -1,0 +1,107 @@
+"""The model a lesson starts from: a zoo folder, or a stock checkpoint converted into one.
+
+Lessons 6, 8, 9 and 11 start from a saved model (``--model_folder``, ``--base_model``, ``--model``,
+``--sft_model``). Each takes either a folder a zoo recipe saved or a stock transformers checkpoint: a
+local folder whose config.json says ``gpt2``, ``llama``, ``qwen2`` or ``mixtral``, or a Hub id.
+A stock checkpoint is loaded into the zoo's own class (``hf_models.conversion.stock``; what it
+cannot compute exactly is refused by name) and saved once, with its own tokenizer, as a zoo folder
+under ``<output_dir>/converted/``; from there the lesson reads it as it reads any zoo folder, so
+every later step (``from_pretrained``, trl rebuilding a reference model from the folder, peft's
+adapter config) sees the zoo model. Tables and cards name the start by what it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..conversion.stock import describe_source, folder_model_type, is_stock_checkpoint, load_stock_checkpoint, looks_like_hub_id
+from ..files import save_folder_atomically
+from ..tokenization import tokenizer_for_saving
+from .arguments import find_model_folder
+from .validation import check_model_folder
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A zoo folder to read, and what it is in words (``"llama checkpoint SmolLM2-135M"``, ``"zoo_modern folder ..."``)."""
+
+    folder: Path
+    description: str
+
+
+def describe_zoo_folder(folder: Path) -> str:
+    """``"zoo_modern folder modern-gpt-shakespeare"``, plus the stock checkpoint it started from, where it did."""
+    config = json.loads((folder / "config.json").read_text())
+    origin = describe_source(config)
+    return f"{config.get('model_type')} folder {folder.name}" + (f", from {origin}" if origin else "")
+
+
+def converted_folder(name_or_path: str, output_dir: str | os.PathLike) -> Path:
+    """Where :func:`convert_stock_checkpoint` saves ``name_or_path``: ``<output_dir>/converted/<name>``."""
+    name = re.sub(r"[^\w.-]+", "-", name_or_path if looks_like_hub_id(name_or_path) else Path(name_or_path).name)
+    return Path(output_dir) / "converted" / name
+
+
+def convert_stock_checkpoint(name_or_path: str, output_dir: str | os.PathLike, convert: bool = True) -> Path:
+    """Load a stock checkpoint into its zoo class and save it, with its tokenizer, under ``<output_dir>/converted/``."""
+    if not convert:
+        return check_model_folder(converted_folder(name_or_path, output_dir), "the converted base")
+    model, tokenizer = load_stock_checkpoint(name_or_path)
+    saved_tokenizer = tokenizer_for_saving(tokenizer, model)  # context, pad token, and the record in model.config
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        saved_tokenizer.save_pretrained(tmp)
+
+    folder = save_folder_atomically(converted_folder(name_or_path, output_dir), write)
+    print(f"{name_or_path}: {model.config.source_checkpoint['model_type']} checkpoint loaded as the zoo's "
+          f"{type(model).__name__} ({model.num_parameters():,} parameters), saved to {folder}")
+    return folder
+
+
+def resolve_model_source(value: str, flag: str, recipe: str, output_dir: str | os.PathLike, convert: bool = True) -> ModelSource:
+    """The zoo folder ``value`` names (see the module docstring), checked, with its description.
+
+    ``convert=False`` (the other processes of a launch, after the first converted) reads the folder the
+    first process saved instead of converting again.
+
+    Raises:
+        ValueError: no model there (naming ``flag`` and the ``recipe`` that writes one), a folder with a
+            file missing, or a stock config the zoo does not compute exactly (naming the field).
+    """
+    path = Path(value)
+    if path.exists() and not is_stock_checkpoint(path):
+        folder = find_model_folder(value, flag, recipe)
+        return ModelSource(folder, describe_zoo_folder(folder))
+    if path.exists():
+        check_model_folder(path, flag)  # weights whole, a tokenizer beside them
+        kind = folder_model_type(path)
+        return ModelSource(convert_stock_checkpoint(value, output_dir, convert), f"{kind} checkpoint {path.name}")
+    if looks_like_hub_id(value):
+        try:
+            folder = convert_stock_checkpoint(value, output_dir, convert)
+        except OSError as error:  # not on the Hub, no network, or HF_HUB_OFFLINE
+            raise ValueError(
+                f"{flag} {value!r} is not a local folder (a zoo model: run `python {recipe}` first) and could not be "
+                f"loaded from the Hub as a stock checkpoint ({error})."
+            ) from error
+        return ModelSource(folder, describe_source(json.loads((folder / "config.json").read_text())))
+    folder = find_model_folder(value, flag, recipe)  # raises, naming the recipe that writes one
+    return ModelSource(folder, describe_zoo_folder(folder))
+
+
+def resolve_training_model_source(value: str, flag: str, recipe: str, training_args) -> ModelSource:
+    """:func:`resolve_model_source` for a lesson that may run as several processes (``accelerate launch``): a stock
+    checkpoint is converted by the first process of each machine while the others wait, then read by all."""
+    output_dir = training_args.output_dir
+    if not is_stock_checkpoint(value):
+        return resolve_model_source(value, flag, recipe, output_dir)
+    with training_args.main_process_first(desc="converting the stock checkpoint"):
+        return resolve_model_source(value, flag, recipe, output_dir, convert=training_args.local_process_index == 0)
+
+
+__all__ = ["resolve_training_model_source", "ModelSource", "convert_stock_checkpoint", "converted_folder", "describe_zoo_folder", "resolve_model_source"]
