@@ -245,3 +245,36 @@ def test_trainer_recipes_refuse_fsdp_on_cpus_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"--fsdp asks Trainer for FSDP, and this run is on CPUs .* recipes/07_training.py --fsdp full_shard"):
         parse_lesson_args(DecoderArguments, defaults=dict(output_dir=str(output_dir)), args=["--fsdp", "full_shard", "--max_steps", "2"])
     assert not output_dir.exists()
+
+
+@pytest.mark.slow
+def test_lesson_7_trains_sharded_under_torchrun_and_saves_a_whole_folder(tmp_path):
+    """The recipe itself: --fsdp without --skip_comparison is refused before any work on CPUs (Trainer cannot
+    shard there); with it, 2 FSDP processes train, print and record the memory table, and save one folder."""
+    from hf_models.data import load_corpus
+
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text(load_corpus("shakespeare")["validation"][0]["text"][:20_000])
+    flags = ["--dataset", "text", "--data_files", str(corpus), "--model_name", "tiny", "--tokenizer", "bpe", "--vocab_size", "300",
+             "--hidden_size", "32", "--num_hidden_layers", "2", "--block_size", "32", "--max_steps", "4", "--eval_steps", "2",
+             "--logging_steps", "2", "--max_eval_tokens", "1500", "--sample_tokens", "8", "--disable_tqdm", "true",
+             "--per_device_train_batch_size", "2", "--skip_tricks", "true", "--fsdp", "full_shard", "--output_dir", str(tmp_path / "run")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODELS_CACHE=str(tmp_path / "cache"), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    recipe = str(REPO / "recipes" / "07_training.py")
+
+    refused = subprocess.run([*torchrun, "--master_port", str(free_port()), recipe, *flags], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=TIMEOUT)
+    assert refused.returncode != 0 and "Add --skip_comparison true" in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+    ran = subprocess.run([*torchrun, "--master_port", str(free_port()), recipe, *flags, "--skip_comparison", "true"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-4000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    memory = results["memory_per_process"]
+    assert (memory["processes"], memory["fsdp"]) == (2, True)
+    assert all(0 < part["per_process"] < part["one_process"] for part in memory["bytes"].values())
+    assert ran.stdout.count("memory per process, 2 process(es)") == 1  # printed once, by rank 0
+    assert "FSDP2" in results["training"]["parallelism"]
+    assert GPTForCausalLM.from_pretrained(tmp_path / "run" / "tiny").num_parameters() == results["parameters"]
