@@ -666,7 +666,8 @@ class TrainingLoop:
 
     def save_state(self, folder: Path) -> None:
         """Model, optimizer, scheduler, data position and every process's RNGs, atomically, without pickle
-        (with FSDP, the shards of the model and optimizer through DCP: see :meth:`save_shards`)."""
+        (with FSDP, the model and optimizer as every process's shards through DCP, whose index is pickled:
+        see :meth:`save_shards`)."""
         accelerator = self.accelerator
         rng_states = gather_object([capture_rng_state()])  # one entry per process, in rank order
         shards = self.save_shards(folder) if self.sharded else None
