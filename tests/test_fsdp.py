@@ -73,11 +73,13 @@ if slow:
         return step()
     loop.train_step = slow_step
 result = loop.train(resume_from_checkpoint=any(name.startswith("checkpoint-") for name in os.listdir(output_dir)))
+from torch.distributed.fsdp import FSDPModule
+units = [name for name, module in loop.model.named_modules() if isinstance(module, FSDPModule)]
 model = loop.full_model()  # FSDP: the shards gathered on rank 0 (a collective); None elsewhere
 if model is not None:
     model.save_pretrained(os.path.join(output_dir, "saved"))
     with open(os.path.join(output_dir, "memory.json"), "w") as f:
-        json.dump(result.memory, f)
+        json.dump(dict(result.memory, sharded_units=units), f)
 """
 
 
@@ -169,6 +171,9 @@ def test_each_process_holds_its_share_of_the_parameters_gradients_and_optimizer_
     one = json.loads((runs["one"] / "memory.json").read_text())
     two = json.loads((runs["two"] / "memory.json").read_text())
     model = build_tiny_model("zoo_gpt", 30)
+    # Every decoder layer is its own unit (gathered and freed alone), and the root holds the rest.
+    layers = [f"model.layers.{i}" for i in range(model.config.num_hidden_layers)]
+    assert (one.pop("sharded_units"), two.pop("sharded_units")) == ([], ["", *layers])
     # fully_shard splits every tensor along dim 0 into 2 chunks; rank 0's is the larger, ceil(rows / 2).
     largest_shard = sum(-(-p.shape[0] // 2) * p[0].numel() * p.element_size() for p in model.parameters())
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
