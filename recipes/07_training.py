@@ -23,10 +23,17 @@
 #    learning rate, batch, precision) the same architecture trains in at most five minutes here to a
 #    lower test bits per byte; that model is this lesson's saved model, card and results.
 #
+# ``--fsdp full_shard`` shards the hand loop's model over the launched processes with FSDP2
+# (torch's ``fully_shard``: each process keeps half the weights, gradients and AdamW state), on CPUs
+# over gloo as on GPUs. It is ``Trainer``'s own flag with the same meaning; since accelerate cannot
+# shard ``Trainer`` on CPUs, part 1 is skipped there (``--skip_comparison true``, asked for by name).
+# Part 3 prints the memory each process holds next to one process's.
+#
 # Run:
 #     python recipes/07_training.py                       # ~10 minutes on 2 CPU cores
 #     python recipes/07_training.py --skip_comparison --skip_tricks   # only the tuned GPT (~5 minutes)
 #     accelerate launch --multi_gpu --num_processes 2 recipes/07_training.py   # 2 CPU processes, gloo DDP
+#     torchrun --nproc_per_node 2 recipes/07_training.py --fsdp full_shard --skip_comparison true   # 2 processes, FSDP2
 
 # %%
 from __future__ import annotations
@@ -58,7 +65,7 @@ from hf_models.recipe_support import (
     prepare_lesson_data,
     show,
 )
-from hf_models.training.loop import TrainingLoop
+from hf_models.training.loop import TrainingLoop, check_fsdp_args
 
 GRU_TEST_BITS_PER_BYTE = 2.178  # lesson 3's result in the README's lesson table: the bar to beat
 CURVE_TOLERANCE = 1e-4  # hand loop vs Trainer, per logged step (nats)
@@ -89,6 +96,25 @@ TUNED_TRAINING = dict(
     lr_scheduler_kwargs='{"min_lr": 1e-4}',
     eval_steps=600,  # precision: choose_bf16 (bf16 autocast where this CPU measures it faster, or --bf16)
 )
+
+
+def check_fsdp(args: TrainingLessonArguments, training_args: TrainingArguments) -> None:
+    """``--fsdp`` shards the hand loop's runs (parts 2 and 3); part 1 runs ``Trainer``, which accelerate
+    shards only on accelerators. Refused before any work, naming the flags."""
+    check_fsdp_args(training_args)
+    if training_args.use_cpu and not args.skip_comparison:
+        raise ValueError(
+            "--fsdp on CPUs shards the hand loop only: part 1 would also train Trainer with --fsdp, which accelerate 1.15 "
+            "does not shard on CPUs. Add --skip_comparison true (parts 2 and 3 then run sharded), or drop --fsdp."
+        )
+
+
+def print_memory(memory: dict[str, dict[str, int]], processes: int) -> None:
+    """Parameters, gradients and optimizer state: what each process holds, next to one process holding all."""
+    print(f"\nmemory per process, {processes} process(es) (the largest), against one process holding everything:")
+    print(f"  {'':<18}{'one process':>14}{'each process':>14}")
+    for part, held in memory.items():
+        print(f"  {part:<18}{held['one_process'] / 2**20:>10.2f} MiB{held['per_process'] / 2**20:>10.2f} MiB")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -124,6 +150,7 @@ def plot(results: dict, path: Path) -> None:
 args, data_args, lesson_args, training_args = parse_lesson_args(
     TrainingLessonArguments,
     defaults=dict(output_dir="runs/07_training", model_name="gpt-shakespeare-tuned", **TUNED_TRAINING),
+    check_fsdp=check_fsdp,  # the hand loop shards itself: --fsdp is allowed on CPUs here (see check_fsdp)
 )
 output_dir = Path(training_args.output_dir)
 machine = describe_machine()
@@ -228,9 +255,11 @@ if not args.skip_tricks:
 # %%
 model = new_gpt()
 start = time.perf_counter()
-outcome = TrainingLoop(model, data.train_dataset, training_args, eval_dataset=data.eval_dataset.select(range(min(64, len(data.eval_dataset)))),
-                       byte_lengths=data.byte_lengths, shuffle=False).train()
+loop = TrainingLoop(model, data.train_dataset, training_args, eval_dataset=data.eval_dataset.select(range(min(64, len(data.eval_dataset)))),
+                    byte_lengths=data.byte_lengths, shuffle=False)
+outcome = loop.train()
 minutes = (time.perf_counter() - start) / 60
+# Under --fsdp ``model`` is sharded: every process runs the same blocks, gathering one layer at a time.
 held_out = evaluate_splits(model, data.tokenizer, data.corpus, data.byte_lengths, data_args.block_size, data_args.max_eval_tokens)
 results.update(held_out)
 test_bpb = held_out.get("test", held_out["validation"])["bits_per_byte"]
@@ -246,16 +275,25 @@ results.update(
         f"warm-up {training_args.warmup_steps} steps, cosine to {training_args.lr_scheduler_kwargs}, weight decay "
         f"{training_args.weight_decay}, clip {training_args.max_grad_norm}",
         "precision": "bf16 autocast" if training_args.bf16 else "fp32",
+        "parallelism": f"FSDP2 (fully_shard) over {training_args.world_size} processes" if training_args.fsdp
+        else f"DDP over {training_args.world_size} processes" if training_args.world_size > 1 else "one process",
         "training time": f"{minutes:.1f} minutes, {outcome.tokens_per_second:,.0f} tokens/s on {training_args.world_size} process(es)",
     },
+    memory_per_process=dict(processes=training_args.world_size, fsdp=bool(training_args.fsdp), bytes=outcome.memory),
 )
+if training_args.process_index == 0:
+    print_memory(outcome.memory, training_args.world_size)
 print(f"\ntuned GPT: {outcome.steps} steps in {minutes:.1f} minutes, test bits per byte {test_bpb:.4f} "
       f"(lesson 3's GRU: {GRU_TEST_BITS_PER_BYTE}) -> {'beats' if test_bpb < GRU_TEST_BITS_PER_BYTE else 'does not beat'} the GRU")
 
 # %% [markdown]
 # ## 6. Plot, save with card, sample.
+#
+# The saved folder is an ordinary ``save_pretrained`` folder: under ``--fsdp`` the shards are first
+# gathered into one whole model on the main process (``loop.full_model()``, a collective).
 
 # %%
+model = loop.full_model()  # None on the other processes, which save nothing
 if training_args.process_index == 0:
     plot(results, output_dir / "training.png")
     show(output_dir / "training.png")

@@ -149,6 +149,7 @@ def test_accelerate_configs_load_with_accelerates_own_loader():
         "cpu.yaml": (DistributedType.NO, 1),
         "multi_cpu.yaml": (DistributedType.MULTI_GPU, 2),  # torchrun; use_cpu makes it gloo (see the file)
         "multi_gpu.yaml": (DistributedType.MULTI_GPU, 2),
+        "two_nodes.yaml": (DistributedType.MULTI_GPU, 2),  # 2 machines x 1 process (tests/test_fsdp.py runs the torchrun twin)
         "fsdp.yaml": (DistributedType.FSDP, 2),
         "deepspeed_zero2.yaml": (DistributedType.DEEPSPEED, 2),
         "deepspeed_zero3.yaml": (DistributedType.DEEPSPEED, 2),
@@ -160,6 +161,8 @@ def test_accelerate_configs_load_with_accelerates_own_loader():
         assert (config.distributed_type, config.num_processes) == (distributed_type, num_processes), name
         assert config.mixed_precision == "no" and name in readme  # precision is the recipe's flag (--bf16 true)
     assert load_config_from_file(str(CONFIGS / "multi_cpu.yaml")).use_cpu
+    two_nodes = load_config_from_file(str(CONFIGS / "two_nodes.yaml"))
+    assert (two_nodes.num_machines, two_nodes.machine_rank, two_nodes.main_process_ip, two_nodes.use_cpu) == (2, 0, "127.0.0.1", True)
     assert load_config_from_file(str(CONFIGS / "fsdp.yaml")).fsdp_config["fsdp_version"] == 2
     stages = {name: load_config_from_file(str(CONFIGS / name)).deepspeed_config["zero_stage"] for name in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml")}
     assert stages == {"deepspeed_zero2.yaml": 2, "deepspeed_zero3.yaml": 3}

@@ -51,4 +51,27 @@ def training_step_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
     return parts
 
 
-__all__ = ["activation_bytes", "training_step_bytes"]
+def training_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, int]]:
+    """Parameters, gradients and optimizer state, in bytes, counted from the tensors themselves (call
+    it after a backward, while the gradients exist): ``per_process`` is what this process holds (its
+    shards under FSDP, everything under DDP), ``one_process`` what one process holding all of it does.
+
+    FSDP's ``DTensor`` parameters report the whole tensor's shape and hold a shard (``to_local()``);
+    a tied weight is counted once. The activations and FSDP's transient whole layers come on top.
+    """
+    from torch.distributed.tensor import DTensor
+
+    def counted(tensors) -> dict[str, int]:
+        tensors = [t for t in tensors if torch.is_tensor(t)]
+        held = sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+        return {"per_process": held, "one_process": sum(t.numel() * t.element_size() for t in tensors)}
+
+    parameters = list(model.parameters())
+    return {
+        "parameters": counted(parameters),
+        "gradients": counted(p.grad for p in parameters if p.grad is not None),
+        "optimizer state": counted(value for state in optimizer.state.values() for value in state.values()),
+    }
+
+
+__all__ = ["activation_bytes", "training_state_bytes", "training_step_bytes"]

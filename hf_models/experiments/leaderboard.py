@@ -63,7 +63,7 @@ LESSONS = (
            frontier="llama-2-7b", compare=(4, 3)),
     Lesson(6, "KV cache", "06_kv_cache", "hand-written growing and static caches vs `DynamicCache` / `StaticCache`",
            "generation speed only; see its page", frontier="llama-3-8b", model_of="05_modern_gpt"),
-    Lesson(7, "training engineering", "07_training", "the loop `Trainer` hides; warm-up, cosine, accumulation, bf16, resume, DDP",
+    Lesson(7, "training engineering", "07_training", "the loop `Trainer` hides; warm-up, cosine, accumulation, bf16, resume, DDP, FSDP",
            compare=(4, 3, 5)),
     Lesson(8, "LoRA SFT", "08_lora_sft", "hand LoRA = peft; instruction data, chat template; trl `SFTTrainer`",
            "fine-tuned for a task: free text gets worse; the task scores are on its page", frontier="llama-2-7b", model_of="05_modern_gpt"),

@@ -24,6 +24,7 @@ import builtins
 import logging
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,7 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_launch(training_args: TrainingArguments) -> None:
+def check_launch(training_args: TrainingArguments, fsdp_by_hand: bool = False) -> None:
     """Refuse a multi-process launch whose processes did not join one data-parallel job.
 
     Each process the launcher starts runs the whole recipe. If they do not form one process
@@ -181,6 +182,8 @@ def check_launch(training_args: TrainingArguments) -> None:
     is), so the job would run as plain DDP, every process holding the whole model, while its
     config says the model is sharded. (torch itself can shard on CPUs: ``fully_shard`` over a
     ``"cpu"`` device mesh runs over gloo; it is accelerate that does not route a CPU job there.)
+    For the same reason ``--fsdp`` is refused on CPUs, unless the recipe shards with its own loop
+    (``fsdp_by_hand``: lesson 7's hand loop calls ``fully_shard`` itself).
 
     accelerate 1.15's own CPU launch (``--cpu`` or a ``MULTI_CPU`` config) starts several
     processes only through ``mpirun`` (``--mpirun_hostfile``); without it, it starts one and
@@ -189,6 +192,7 @@ def check_launch(training_args: TrainingArguments) -> None:
     Raises:
         RuntimeError: ``WORLD_SIZE`` > 1 but ``training_args.world_size`` is 1, or an FSDP or
             DeepSpeed launch on CPU processes.
+        ValueError: ``--fsdp`` on CPUs for ``Trainer``.
     """
     launched = launched_world_size()
     if launched > 1 and training_args.world_size != launched:
@@ -205,6 +209,12 @@ def check_launch(training_args: TrainingArguments) -> None:
             f"This launch asks for {sharded[0].replace('DEEPSPEED', 'DeepSpeed')} on CPU processes (--use_cpu true), "
             f"which accelerate 1.15 does not do: it would silently run plain DDP instead. Launch on GPUs, or use "
             f"recipes/configs/multi_cpu.yaml for data-parallel training on CPUs."
+        )
+    if training_args.fsdp and training_args.use_cpu and not fsdp_by_hand:
+        raise ValueError(
+            "--fsdp asks Trainer for FSDP, and this run is on CPUs (--use_cpu true), where accelerate 1.15 does not "
+            "shard. Allowed here: no --fsdp (data parallel over gloo), or lesson 7's hand loop, which shards on CPUs: "
+            "torchrun --nproc_per_node 2 recipes/07_training.py --fsdp full_shard --skip_comparison true."
         )
     asked_for_several = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in os.environ
     if launched == 1 and asked_for_several and "PMI_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ:
@@ -231,7 +241,8 @@ def recipe_argv() -> list[str] | None:
 
 
 def parse_lesson_args(
-    model_arguments_type: type, defaults: dict, args: list[str] | None = None
+    model_arguments_type: type, defaults: dict, args: list[str] | None = None,
+    check_fsdp: Callable[[Any, TrainingArguments], None] | None = None,
 ) -> tuple[Any, DataArguments, LessonArguments, TrainingArguments]:
     """Parse ``(model args, DataArguments, LessonArguments, TrainingArguments)`` with the recipe's defaults.
 
@@ -248,6 +259,8 @@ def parse_lesson_args(
 
     On a machine without an accelerator ``--use_cpu`` defaults to true: several launched processes
     then join one data-parallel job over gloo (see the module docstring), and ``--bf16`` autocasts on the CPU.
+    ``--fsdp`` is ``Trainer``'s flag, refused on CPUs (:func:`check_launch`); a recipe that shards with its
+    own loop (lesson 7) passes ``check_fsdp(model_args, training_args)``, its own check of the flag.
 
     Raises:
         ValueError: a flag that cannot work, naming it, its value and what is allowed
@@ -278,7 +291,9 @@ def parse_lesson_args(
     if "model_name" in defaults:  # the recipe saves a model folder named by it
         check_model_name(lesson_args.model_name)
     validate_lesson_args(model_args, data_args, lesson_args, training_args)
-    check_launch(training_args)
+    check_launch(training_args, fsdp_by_hand=check_fsdp is not None)
+    if check_fsdp is not None and training_args.fsdp:
+        check_fsdp(model_args, training_args)
     check_resume(training_args)
     if training_args.process_index == 0:
         lock_output_dir(training_args.output_dir)

@@ -11,7 +11,8 @@ One optimizer step, as every LLM trainer does it::
 
 and around it: periodic evaluation, logging, and checkpoints that let a killed run continue bit
 for bit. The file reads top to bottom: the schedule, what a step reads (parameter groups, target
-tokens, the global micro-batches), what a checkpoint holds, then :class:`TrainingLoop` itself.
+tokens, the global micro-batches), sharding the model (FSDP), what a checkpoint holds, then
+:class:`TrainingLoop` itself.
 
 Three details are where loops go wrong:
 
@@ -31,10 +32,10 @@ Three details are where loops go wrong:
   all of it or each of ``P`` processes reads a ``1/P`` slice. Gradients are averaged across processes
   by DDP, so the loss each process back-propagates is scaled by ``P`` to keep the global token mean.
 
-Accelerate places the model, wraps it for data parallelism (DDP over gloo on CPUs, NCCL on GPUs,
-or FSDP/DeepSpeed from an ``accelerate launch`` config) and provides the collectives; everything
-else is here. Frontier stacks add tensor/pipeline parallelism and sharded optimizers, but their
-step is this one.
+Accelerate places the model, wraps it for data parallelism (DDP over gloo on CPUs, NCCL on GPUs)
+and provides the collectives; everything else is here. ``--fsdp`` shards the model instead, with
+torch's ``fully_shard`` (FSDP2, "sharding the model" below), on CPUs over gloo as on GPUs. Frontier
+stacks add tensor and pipeline parallelism around it, but their step is this one.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,12 +57,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, load_model, save_file, save_model
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 from transformers import TrainingArguments, default_data_collator
 
 from ..benchmarking import StepClock
+from ..benchmarking.memory import training_state_bytes
 from ..evaluation import evaluate_blocks
 from ..files import batch_layout, check_batch_layout, latest_checkpoint, resolve_checkpoint, save_folder_atomically, write_batch_layout
 from ..recipe_support.arguments import global_batch_size
@@ -74,6 +79,8 @@ class LoopResult:
     history: list[dict] = field(default_factory=list)
     tokens_per_second: float = float("nan")
     steps: int = 0
+    # Parameters, gradients, optimizer state: bytes per process (the largest) and for one process holding all.
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def losses(self) -> dict[int, float]:
@@ -193,6 +200,104 @@ class GlobalBatches:
         return self.collate([self.dataset[int(i)] for i in indices])
 
 
+# ----------------------------------------------------------------------------- sharding the model: FSDP
+
+# Why shard? Data parallelism (DDP) copies everything onto every process: the weights, their
+# gradients and AdamW's two moments, 16 bytes per parameter in fp32, before any activation. A 7B
+# model needs 112 GB for that alone, more than one GPU holds, however many GPUs there are. Fully
+# sharded data parallelism (FSDP; ZeRO-3 in DeepSpeed's words) keeps 1/N of each of the three on
+# each of N processes, so the per-process cost falls as processes are added.
+#
+# What moves, per sharded unit (here: each decoder layer, and the model's remaining weights):
+#
+# * **all-gather before its forward**: every process sends its shard and receives the others',
+#   runs the layer with the whole weights, then frees the gathered copy (``reshard_after_forward``);
+# * **all-gather again before its backward** (the copy was freed), then a **reduce-scatter** of the
+#   gradients: each process receives the sum of its own shard's gradient over every process
+#   (averaged, as DDP averages) and drops the rest;
+# * the optimizer steps on shards only: AdamW is per element, so no communication at all.
+#
+# The cost: DDP's all-reduce moves 2x the parameters per step; FSDP moves 3x (two all-gathers and a
+# reduce-scatter), overlapped with compute by prefetching the next layer while this one runs, and at
+# any moment one or two layers are whole in memory besides the shards. ``--fsdp shard_grad_op``
+# (``reshard_after_forward=False``) keeps the gathered weights from forward to backward: one all-gather
+# fewer, more memory (ZeRO-2-like). Gradient accumulation keeps gradients local and whole until the last
+# micro-batch, as DDP's ``no_sync`` does.
+#
+# The arithmetic is DDP's: the same global batch gives the same loss at every step on 1 process or
+# N, to float rounding (tests/test_fsdp.py). Saving needs the whole weights in one place: the
+# shards are gathered to the main process (:meth:`TrainingLoop.full_model`) for an ordinary
+# ``save_pretrained`` folder; a checkpoint instead lets every process write its own shards
+# (``torch.distributed.checkpoint``, "what a checkpoint holds" below).
+#
+# At frontier scale FSDP is one axis of a mesh. Gathering every layer across thousands of GPUs is
+# slow, so HSDP shards within a node (fast links) and replicates across nodes (a 2-D device mesh,
+# ``fully_shard(mesh=mesh_2d)``); tensor parallelism splits each matmul across the GPUs of a node
+# and pipeline parallelism splits the layers into stages across nodes; FSDP shards what is left.
+# The switch here is the same ``--fsdp`` flag that ``Trainer`` reads, with the same meaning.
+
+# What ``TrainingArguments`` makes of ``--fsdp [full_shard|shard_grad_op|offload]`` (the string is turned
+# into ``fsdp=True`` plus ``fsdp_config`` entries) and what the hand loop does with each entry.
+FSDP_CONFIG_HONOURED = {"reshard_after_forward", "version", "min_num_params", "xla", "xla_fsdp_v2", "xla_fsdp_grad_ckpt"}
+
+
+def check_fsdp_args(args: TrainingArguments) -> None:
+    """Refuse, before any work, ``--fsdp`` settings the hand loop would not honour, naming each.
+
+    Honoured: ``--fsdp`` or ``--fsdp full_shard`` (gather each layer for its forward, free it after),
+    ``--fsdp shard_grad_op`` (keep it gathered until its backward), with ``--bf16`` or fp32, gradient
+    accumulation and activation checkpointing.
+
+    Raises:
+        ValueError: ``--fsdp offload`` or any other ``--fsdp_config`` entry than ``reshard_after_forward``,
+            FSDP version 1, a single process, or ``--fp16`` (loss scaling over shards is not written here: use ``--bf16``).
+    """
+    if not args.fsdp:
+        return
+    config = args.fsdp_config or {}
+    unhonoured = {key: value for key, value in config.items() if key not in FSDP_CONFIG_HONOURED}
+    defaults = {"version": 2, "min_num_params": 0, "xla": False, "xla_fsdp_v2": False, "xla_fsdp_grad_ckpt": False}
+    unhonoured.update({key: config[key] for key, value in defaults.items() if key in config and config[key] != value})
+    if unhonoured:
+        settings = ", ".join(f"{key}={value!r}" for key, value in sorted(unhonoured.items()))
+        raise ValueError(
+            f"--fsdp with {settings} (from --fsdp or --fsdp_config) is not what lesson 7's hand loop does: it shards "
+            f"with FSDP2 (torch's fully_shard), every decoder layer and then the whole model, on the processes' own "
+            f"device. Allowed: --fsdp, --fsdp full_shard or --fsdp shard_grad_op, and nothing else in --fsdp_config."
+        )
+    if args.world_size < 2:
+        raise ValueError(
+            f"--fsdp shards the model across the launched processes, and this run is {args.world_size} process: launch "
+            f"several, e.g. torchrun --nproc_per_node 2 <script> --fsdp full_shard (docs/lessons/07_training.md), or drop --fsdp."
+        )
+    if args.fp16:
+        raise ValueError("--fsdp with --fp16 is not supported by the hand loop (its loss scaler is not written for "
+                         "sharded gradients); use --bf16, which needs no loss scaling, or fp32.")
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """Shard ``model`` over every process with FSDP2: each decoder layer, then the whole model.
+
+    The decoder layers are the classes named in ``model._no_split_modules`` (the blocks transformers
+    and accelerate wrap with ``TRANSFORMER_BASED_WRAP``). Each becomes one unit gathered and freed
+    as a whole; the root unit holds the rest (embeddings, final norm, head; a tied head shares the
+    embedding's shard). Parameters become ``DTensor`` shards (dim 0 split across processes), so
+    the optimizer must be built *after* this.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))  # 1-D: every process, one shard each
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [module for module in model.modules() if type(module).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class in _no_split_modules, so --fsdp has no layers to shard.")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return model
+
+
 # ----------------------------------------------------------------------------- what a checkpoint holds
 
 # Everything a training run needs to continue exactly where it stopped, saved without pickle.
@@ -214,6 +319,14 @@ class GlobalBatches:
 # (``Trainer``'s checkpoints pickle the optimizer, scheduler and RNG states; the hand loop shows
 # that nothing forces it.)
 #
+# Under FSDP no process holds the whole model or optimizer state, and gathering them to save would
+# cost what sharding saved. Every process writes its own shards instead, in parallel, with
+# ``torch.distributed.checkpoint`` (DCP) into one ``sharded/`` folder (a ``.distcp`` file per process
+# plus a ``.metadata`` index of which slice of which tensor lies where), in place of
+# ``model.safetensors`` and the optimizer files. On several machines that folder must be on a shared
+# filesystem. DCP writes its index with pickle (the tensors are raw bytes): like ``Trainer``'s, resume
+# only from sharded checkpoints you made yourself. The finished model is still saved whole, as safetensors.
+#
 # Resuming is refused rather than silently wrong (``hf_models.files.checkpoints``): a damaged file is
 # named (and ``resume_from_checkpoint=True`` falls back to the newest checkpoint that reads back whole),
 # and ``batch_layout.json`` records the global batch (processes x per-device batch x accumulation)
@@ -224,6 +337,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_TENSORS, OPTIMIZER_GROUPS = "optimizer.safetensors", "optimizer.json"
 STATE_FILE = "trainer_state.json"
 RNG_TENSORS, RNG_JSON = "rng_state.safetensors", "rng_state.json"
+SHARDED_STATE = "sharded"  # FSDP: the model and optimizer shards of every process (torch.distributed.checkpoint)
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -310,7 +424,8 @@ class TrainingLoop:
     cosine floor), ``weight_decay``, ``adam_beta1/2``, ``adam_epsilon``, ``optim`` (fused AdamW or
     not), ``max_grad_norm``, ``bf16``/``fp16``, ``gradient_checkpointing``, ``logging_steps``,
     ``eval_steps``, ``save_steps`` (with ``save_strategy="steps"``), ``seed``, ``output_dir``,
-    ``use_cpu`` and ``disable_tqdm``.
+    ``use_cpu``, ``disable_tqdm`` and ``fsdp`` (:func:`check_fsdp_args`: the model is sharded with
+    :func:`shard_model` instead of copied by DDP).
 
     Writes ``metrics.jsonl`` (one JSON record per logged step and per evaluation), TensorBoard
     events when ``tensorboard`` is installed, and ``checkpoint-<step>`` folders (see "what a checkpoint holds" above).
@@ -346,6 +461,11 @@ class TrainingLoop:
         if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             model.gradient_checkpointing_enable()
         self.eval_dataset, self.byte_lengths, self.eval_batch_size = eval_dataset, byte_lengths, eval_batch_size
+        check_fsdp_args(args)
+        self.sharded = bool(args.fsdp)
+        self.model_class = type(model)  # fully_shard swaps the class for an FSDP subclass; the save builds this one
+        if self.sharded:  # FSDP: each process keeps 1/N of the weights; the optimizer is built over those shards
+            model = shard_model(model.to(self.device), self.device, (args.fsdp_config or {}).get("reshard_after_forward", True))
         optimizer = torch.optim.AdamW(
             decay_parameter_groups(model, args.weight_decay),
             lr=args.learning_rate,
@@ -353,7 +473,10 @@ class TrainingLoop:
             eps=args.adam_epsilon,
             fused=str(getattr(args.optim, "value", args.optim)) == "adamw_torch_fused",  # what Trainer builds for that name
         )
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.sharded:
+            self.model, self.optimizer = model, optimizer
+        else:  # DDP: every process a whole copy, gradients all-reduced
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         min_lr = (args.lr_scheduler_kwargs or {}).get("min_lr", 0.0) if isinstance(args.lr_scheduler_kwargs, dict) else 0.0
         self.scheduler = WarmupCosineSchedule(self.optimizer, args.get_warmup_steps(args.max_steps), args.max_steps, min_lr)
         state = self.accelerator.state
@@ -361,6 +484,7 @@ class TrainingLoop:
         self.output_dir = Path(args.output_dir)
         self.step = 0  # optimizer steps done
         self.history: list[dict] = []
+        self.memory: dict[str, dict[str, int]] = {}  # measured at the first step (training_state_bytes)
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -381,8 +505,12 @@ class TrainingLoop:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        if not self.memory:
+            self.memory = self.measure_memory()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every shard, as one tensor
+            grad_norm = grad_norm.full_tensor()
         return step_loss, grad_norm
 
     def accumulate_gradients(self) -> torch.Tensor:
@@ -397,15 +525,37 @@ class TrainingLoop:
         step_loss = torch.zeros((), device=self.device)
         self.model.train()
         for i, batch in enumerate(micro_batches):
-            # Gradients are all-reduced only after the last micro-batch.
-            sync = self.accelerator.no_sync(self.model) if i < accumulation - 1 else contextlib.nullcontext()
+            # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) only after the last micro-batch.
+            sync = self.gradients_kept_local() if i < accumulation - 1 else contextlib.nullcontext()
             with sync:
                 with self.autocast():
                     loss = self.compute_loss(batch, num_items_in_batch=tokens)  # sum of token losses / tokens
-                scaled = loss * world  # DDP averages gradients over processes; the global mean wants their sum
+                scaled = loss * world  # DDP and FSDP average gradients over processes; the global mean wants their sum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             step_loss += loss.detach()
         return step_loss
+
+    @contextlib.contextmanager
+    def gradients_kept_local(self):
+        """Accumulate this micro-batch's gradients locally, without communicating: DDP's ``no_sync``, or
+        FSDP2's ``set_requires_gradient_sync(False)`` (which keeps them whole until the last micro-batch)."""
+        if not self.sharded:
+            with self.accelerator.no_sync(self.model):
+                yield
+            return
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def measure_memory(self) -> dict[str, dict[str, int]]:
+        """Bytes of parameters, gradients and optimizer state held by the largest process, and by one
+        process holding them whole (``hf_models.benchmarking.memory.training_state_bytes``)."""
+        parts = training_state_bytes(self.model, self.optimizer)
+        held = torch.tensor([part["per_process"] for part in parts.values()], device=self.device)
+        largest = self.accelerator.gather(held).view(self.accelerator.num_processes, -1).amax(0)
+        return {name: {"per_process": int(n), "one_process": part["one_process"]} for (name, part), n in zip(parts.items(), largest.tolist())}
 
     # The three seams a loop with another objective overrides (lesson 11's DPO loop counts preference
     # pairs, not tokens, and scores a policy against a reference).
@@ -463,7 +613,27 @@ class TrainingLoop:
         progress.close()
         if writer is not None:
             writer.close()
-        return LoopResult(history=self.history, tokens_per_second=clock.tokens_per_second, steps=self.step)
+        return LoopResult(history=self.history, tokens_per_second=clock.tokens_per_second, steps=self.step, memory=self.memory)
+
+    def full_model(self) -> torch.nn.Module | None:
+        """The trained model, whole, as an ordinary ``PreTrainedModel`` to ``save_pretrained``.
+
+        Without FSDP every process already holds it. With FSDP this is a collective (every process
+        must call it): the shards are gathered into a full state dict on the main process's CPU
+        (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), loaded there into a fresh
+        model of the same class; the other processes get ``None``. At frontier scale even one whole
+        copy may not fit: there the sharded checkpoint is what is kept, and converted offline.
+        """
+        if not self.sharded:
+            return self.accelerator.unwrap_model(self.model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.accelerator.is_main_process:
+            return None
+        model = self.model_class(self.model.config)
+        model.load_state_dict(weights)
+        return model.eval()
 
     def evaluate(self) -> dict[str, float]:
         """Loss, perplexity and bits per byte on the evaluation blocks (``hf_models.evaluation``)."""
@@ -495,17 +665,23 @@ class TrainingLoop:
     # ------------------------------------------------------------------ checkpoints
 
     def save_state(self, folder: Path) -> None:
-        """Model, optimizer, scheduler, data position and every process's RNGs, atomically, without pickle."""
+        """Model, optimizer, scheduler, data position and every process's RNGs, atomically, without pickle
+        (with FSDP, the model and optimizer as every process's shards through DCP, whose index is pickled:
+        see :meth:`save_shards`)."""
         accelerator = self.accelerator
         rng_states = gather_object([capture_rng_state()])  # one entry per process, in rank order
+        shards = self.save_shards(folder) if self.sharded else None
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(self.model)
             state = {"step": self.step, "next_micro_batch": self.step * self.args.gradient_accumulation_steps,
-                     "scheduler": self.scheduler.state_dict(), "num_processes": accelerator.num_processes}
+                     "scheduler": self.scheduler.state_dict(), "num_processes": accelerator.num_processes, "fsdp": self.sharded}
 
             def write(tmp: Path) -> None:
-                save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # tied weights stored once
-                save_optimizer(self.optimizer, tmp)
+                if shards is not None:
+                    os.replace(shards, tmp / SHARDED_STATE)
+                else:
+                    save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # tied weights stored once
+                    save_optimizer(self.optimizer, tmp)
                 save_rng_states(rng_states, tmp)
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
                 write_batch_layout(tmp, self.batch_layout())
@@ -513,21 +689,44 @@ class TrainingLoop:
             save_folder_atomically(folder, write)
         accelerator.wait_for_everyone()
 
+    def save_shards(self, folder: Path) -> Path:
+        """FSDP: every process writes its shards of the weights and AdamW state at once (a collective), into
+        a folder beside ``folder`` that :meth:`save_state` then moves into the checkpoint, whole or not at all."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        staging = folder.parent / f".{folder.name}.{SHARDED_STATE}"  # hidden: never taken for a checkpoint-<step>
+        if self.accelerator.is_main_process and staging.exists():
+            shutil.rmtree(staging)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)  # DTensor shards, keyed by name
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=staging)
+        return staging
+
     def batch_layout(self) -> dict[str, int]:
         """This run's global batch, as a checkpoint records it: processes x per-device batch x accumulation."""
         return batch_layout(self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps, self.accelerator.num_processes)
 
     def load_state(self, folder: Path) -> None:
         """Continue exactly where ``save_state`` stopped (the same global batch: see ``check_batch_layout``)."""
-        check_batch_layout(folder, self.batch_layout())
         state = json.loads((folder / STATE_FILE).read_text())
+        if state.get("fsdp", False) != self.sharded:
+            raise ValueError(
+                f"{folder} was saved {'with' if state.get('fsdp') else 'without'} --fsdp (its model and optimizer are "
+                f"{'sharded' if state.get('fsdp') else 'whole'}); this run is {'with' if self.sharded else 'without'} it. "
+                f"Resume with the checkpoint's setting, or start afresh in another --output_dir."
+            )
+        check_batch_layout(folder, self.batch_layout())
         if state["num_processes"] != self.accelerator.num_processes:  # a checkpoint saved before batch_layout.json
             raise ValueError(
                 f"{folder} was saved by {state['num_processes']} process(es); this run has {self.accelerator.num_processes}. "
                 f"Resume with the same number of processes (the data order and RNG streams are per process)."
             )
-        load_model(self.accelerator.unwrap_model(self.model), str(folder / MODEL_FILE), device=str(self.device))
-        load_optimizer(self.optimizer, folder)
+        if self.sharded:
+            self.load_shards(folder / SHARDED_STATE)
+        else:
+            load_model(self.accelerator.unwrap_model(self.model), str(folder / MODEL_FILE), device=str(self.device))
+            load_optimizer(self.optimizer, folder)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         restore_rng_state(*load_rng_state(folder, self.accelerator.process_index))
@@ -538,6 +737,15 @@ class TrainingLoop:
                 kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
                 log.write_text("".join(line + "\n" for line in kept))
         self.history = []
+
+    def load_shards(self, folder: Path) -> None:
+        """FSDP: each process reads back its own shards of the weights and AdamW state (a collective)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)  # the shapes to fill, shard by shard
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
@@ -550,9 +758,11 @@ __all__ = [
     "LoopResult",
     "TrainingLoop",
     "WarmupCosineSchedule",
+    "check_fsdp_args",
     "count_target_tokens",
     "decay_parameter_groups",
     "latest_checkpoint",
     "read_metrics",
+    "shard_model",
     "warmup_cosine_lr",
 ]
