@@ -32,7 +32,7 @@ NOT_LOCKED := ^(torch|triton|pytorch-triton|nvidia[-_][^=@ ]+|cuda[-_][^=@ ]+) ?
 run_tests = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(1)/bin/python -m pytest $(PYTEST_ARGS)
 freeze = $(1)/bin/python -m pip freeze --exclude-editable | grep -viE '$(NOT_LOCKED)'
 
-.PHONY: demo test test-latest lock lessons cards leaderboard notebooks bench clean check-copies fix-copies
+.PHONY: demo test test-latest lock lessons cards leaderboard notebooks bench clean check-copies fix-copies gpu-carry gpu-check gpu-check-plan
 
 # A changed lock reinstalls too: pip moves every installed release to its pin.
 $(STAMP): pyproject.toml $(LOCK)
@@ -126,6 +126,23 @@ check-copies:
 
 fix-copies:
 	$(PYTHON) utils/check_copies.py --fix
+
+# The GPU check (docs/gpu_check.md), for a lent GPU machine: bare, offline, minutes long.
+#   make gpu-carry        here: the locked wheels the machine lacks, nanoGPT's files (from NANOGPT_DIR, a
+#                         checkout or bare git dir) and tiny-shakespeare, in the git-ignored GPU_CARRY, size-checked
+#   make gpu-check        there (carry GPU_CARRY along): installs, then every step under its own limit; results in $$OUT
+#   make gpu-check-plan   anywhere: the plan, each step's command line and time limit, the budget
+GPU_CARRY ?= .gpu_carry
+NANOGPT_DIR ?=
+GPU_PYTHON_VERSION ?= 3.12
+gpu-carry: $(STAMP)
+	$(BIN)/python utils/gpu_check.py prepare --carry_dir $(GPU_CARRY) --python_version $(GPU_PYTHON_VERSION) $(if $(NANOGPT_DIR),--nanogpt_dir $(NANOGPT_DIR))
+
+gpu-check:
+	$(PYTHON) utils/gpu_check.py run --carry_dir $(GPU_CARRY) --output_dir "$${OUT:?set OUT to a folder outside the repository for the results}"
+
+gpu-check-plan:
+	$(PYTHON) utils/gpu_check.py run --carry_dir $(GPU_CARRY) --dry-run
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) runs notebooks .pytest_cache

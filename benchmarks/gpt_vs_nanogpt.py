@@ -15,6 +15,12 @@ biases) and reaches a validation loss of about 1.88. This script answers two que
    non-overlapping 64-character windows (the zoo's ``evaluate_token_stream``; nanoGPT's own
    ``estimate_loss`` samples 20 random batches instead).
 
+``--config gpu`` runs the second mode at nanoGPT's GPU configuration instead, read from nanoGPT's own
+``config/train_shakespeare_char.py`` (6 layers, 6 heads, width 384, context 256, batch 64, dropout
+0.2), on CUDA with ``torch.compile`` and bf16 autocast on both sides, for ``--max_iters`` iterations
+(the GPU check, ``utils/gpu_check.py``, times a few hundred): it compares training throughput only,
+since a few hundred iterations say nothing about the final loss.
+
 nanoGPT is not part of this project: pass a checkout (or the bare git directory a mirror gives)
 with ``--nanogpt_dir`` or the ``NANOGPT_DIR`` environment variable. Without either the script
 exits as "skipped" (``make bench`` lists it and goes on). Its files are exported into a temporary
@@ -46,6 +52,9 @@ from hf_models.files import write_json_atomically
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "tinyshakespeare" / "input.txt"
 CPU_CONFIG = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup=100)
+# Iterations left out of each side's throughput: the first ones (torch.compile compiles in the first), as the
+# recipe's step clock (ThroughputCallback) leaves out its first steps.
+SKIP_FIRST_ITERS = 5
 
 
 @dataclass
@@ -63,6 +72,12 @@ class NanoGPTComparisonArguments:
     rounds: int = field(default=8, metadata={"help": "Timed interleaved rounds of the step benchmark."})
     steps: int = field(default=50, metadata={"help": "Training steps per model per round."})
     output: str = field(default=str(REPO / "benchmarks" / "results" / "gpt_vs_nanogpt.json"), metadata={"help": "JSON path."})
+    config: str = field(
+        default="cpu",
+        metadata={"help": "cpu: nanoGPT's README CPU run, end to end; gpu: its config/train_shakespeare_char.py on CUDA, "
+                          "compiled, throughput only (--mode train).", "choices": ["cpu", "gpu"]},
+    )
+    max_iters: int | None = field(default=None, metadata={"help": "Iterations of each training script (default: the config's)."})
 
 
 def export_nanogpt(source: Path, into: Path) -> Path:
@@ -74,6 +89,16 @@ def export_nanogpt(source: Path, into: Path) -> Path:
         archive = subprocess.run(["git", f"--git-dir={source}", "archive", "HEAD"], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
+
+
+def nanogpt_gpu_config(folder: Path, max_iters: int | None) -> dict:
+    """nanoGPT's ``config/train_shakespeare_char.py`` (plain assignments), in this script's names."""
+    values: dict = {}
+    exec((folder / "config" / "train_shakespeare_char.py").read_text(), {}, values)
+    iters = max_iters or values["max_iters"]
+    return dict(n_layer=values["n_layer"], n_head=values["n_head"], n_embd=values["n_embd"], block_size=values["block_size"],
+                batch_size=values["batch_size"], max_iters=iters, lr=values["learning_rate"], min_lr=values["min_lr"],
+                warmup=values["warmup_iters"], dropout=values["dropout"], beta2=values["beta2"])
 
 
 def import_nanogpt_model(folder: Path):
@@ -145,21 +170,39 @@ def step_benchmark(nanogpt, train_ids: torch.Tensor, vocab: int, rounds: int, st
 # --- 2. the two training scripts end to end -------------------------------------------------------
 
 
-def run_nanogpt_training(folder: Path, data_file: Path, nanogpt) -> dict:
+def run_or_explain(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run a training script; if it fails, stop with its command and the end of its stderr, not a bare CalledProcessError."""
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-4000:]}")
+    return result
+
+
+def nanogpt_command(c: dict, gpu: bool) -> list[str]:
+    """nanoGPT's train.py on its shakespeare-char config, with ``c``'s sizes; on the GPU compiled (its default)."""
+    eval_interval = c["max_iters"] if gpu else 250  # on the GPU: only at the start and the end, both left out of the timing
+    device = ["--device=cuda", "--compile=True", f"--dropout={c['dropout']}"] if gpu else ["--device=cpu", "--compile=False", "--dropout=0.0"]
+    return [
+        sys.executable, "train.py", "config/train_shakespeare_char.py", *device, f"--eval_interval={eval_interval}",
+        "--eval_iters=20", "--log_interval=1", f"--block_size={c['block_size']}", f"--batch_size={c['batch_size']}",
+        f"--n_layer={c['n_layer']}", f"--n_head={c['n_head']}", f"--n_embd={c['n_embd']}", f"--max_iters={c['max_iters']}",
+        f"--lr_decay_iters={c['max_iters']}", "--out_dir=out",
+    ]
+
+
+def run_nanogpt_training(folder: Path, data_file: Path, nanogpt, c: dict = CPU_CONFIG, gpu: bool = False) -> dict:
     data_dir = folder / "data" / "shakespeare_char"
     (data_dir / "input.txt").write_text(data_file.read_text())
     subprocess.run([sys.executable, "prepare.py"], cwd=data_dir, check=True, capture_output=True)
-    c = CPU_CONFIG
-    command = [
-        sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-        "--eval_iters=20", "--log_interval=1", f"--block_size={c['block_size']}", f"--batch_size={c['batch_size']}",
-        f"--n_layer={c['n_layer']}", f"--n_head={c['n_head']}", f"--n_embd={c['n_embd']}", f"--max_iters={c['max_iters']}",
-        f"--lr_decay_iters={c['max_iters']}", "--dropout=0.0", "--out_dir=out",
-    ]
-    log = subprocess.run(command, cwd=folder, check=True, capture_output=True, text=True).stdout
+    command = nanogpt_command(c, gpu)
+    eval_interval = int(next(a for a in command if a.startswith("--eval_interval=")).split("=")[1])
+    log = run_or_explain(command, folder).stdout
     # Iteration times, leaving out the first iterations and those that paid for an evaluation.
-    times = [float(t) for it, t in re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", log) if int(it) > 5 and int(it) % 250 != 0]
+    times = [float(t) for it, t in re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", log)
+             if int(it) > SKIP_FIRST_ITERS and int(it) % eval_interval != 0]
     tokens_per_second = c["batch_size"] * c["block_size"] / (statistics.mean(times) / 1000)
+    if gpu:  # throughput only: a few hundred iterations say nothing about the final loss
+        return {"train_tokens_per_second": tokens_per_second, "timed_iterations": len(times)}
     checkpoint = torch.load(folder / "out" / "ckpt.pt", map_location="cpu", weights_only=False)  # nanoGPT's own format
     model = nanogpt.GPT(nanogpt.GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()})
@@ -178,16 +221,23 @@ class LogitsOf(torch.nn.Module):
         return type("Output", (), {"logits": logits})
 
 
-def run_zoo_training(data_file: Path, output_dir: Path) -> dict:
-    c = CPU_CONFIG
-    command = [
+def zoo_command(data_file: Path, output_dir: Path, c: dict = CPU_CONFIG, gpu: bool = False) -> list[str]:
+    """recipes/04_gpt.py at ``c``'s sizes; on the GPU with what nanoGPT's train.py does there: bf16 autocast,
+    torch.compile, TF32 matmuls, fused AdamW, its dropout and beta2, and no evaluation until the end."""
+    gpu_flags = ["--bf16", "true", "--torch_compile", "true", "--tf32", "true", "--optim", "adamw_torch_fused",
+                 "--dropout", str(c["dropout"]), "--adam_beta2", str(c["beta2"]), "--eval_steps", str(c["max_iters"]),
+                 "--max_eval_tokens", str(16 * c["block_size"] * c["batch_size"]), "--sample_tokens", "16"] if gpu else []
+    return [
         sys.executable, str(REPO / "recipes" / "04_gpt.py"), "--dataset", "text", "--data_files", str(data_file),
         "--num_hidden_layers", str(c["n_layer"]), "--num_attention_heads", str(c["n_head"]), "--hidden_size", str(c["n_embd"]),
         "--block_size", str(c["block_size"]), "--per_device_train_batch_size", str(c["batch_size"]),
         "--max_steps", str(c["max_iters"]), "--learning_rate", str(c["lr"]), "--warmup_steps", str(c["warmup"]),
-        "--eval_steps", "250", "--output_dir", str(output_dir), "--card_copy", "", "--disable_tqdm", "true",
+        "--eval_steps", "250", "--output_dir", str(output_dir), "--card_copy", "", "--disable_tqdm", "true", *gpu_flags,
     ]
-    subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
+
+
+def run_zoo_training(data_file: Path, output_dir: Path, c: dict = CPU_CONFIG, gpu: bool = False) -> dict:
+    run_or_explain(zoo_command(data_file, output_dir, c, gpu), REPO)
     return json.loads((output_dir / "results.json").read_text())
 
 
@@ -209,6 +259,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_nanogpt(Path(args.nanogpt_dir), Path(tmp) / "nanogpt")
         nanogpt = import_nanogpt_model(folder)
+        if args.config == "gpu":
+            report["config"] = c = nanogpt_gpu_config(folder, args.max_iters)
+            theirs = run_nanogpt_training(folder, data_file, nanogpt, c, gpu=True)
+            ours = run_zoo_training(data_file, Path(tmp) / "zoo", c, gpu=True)
+            ratio = ours["train_tokens_per_second"] / theirs["train_tokens_per_second"]
+            report["train"] = {
+                "nanoGPT train.py": theirs,
+                "hf_models recipes/04_gpt.py": {"train_tokens_per_second": ours["train_tokens_per_second"]},
+                "throughput_ratio": ratio,
+            }
+            print(f"\nnanoGPT's shakespeare-char GPU config on {machine.summary()}, both compiled, {c['max_iters']} iterations:")
+            print(f"  nanoGPT train.py              {theirs['train_tokens_per_second']:12,.0f} tokens/s")
+            print(f"  hf_models recipes/04_gpt.py   {ours['train_tokens_per_second']:12,.0f} tokens/s")
+            print(f"  throughput ratio hf_models / nanoGPT: {ratio:.3f}")
+            write_json_atomically(args.output, report)
+            print(f"\nsaved {args.output}")
+            return
         if args.mode in ("step", "both"):
             report["step"] = step = step_benchmark(nanogpt, train_ids, vocab, args.rounds, args.steps)
             print(f"\nTraining step (forward + backward + clip + AdamW), median tokens/s, {args.rounds} interleaved rounds:")
@@ -229,6 +296,7 @@ def main() -> None:
             for name, r in report["train"].items():
                 print(f"  {name:28s} {r['train_tokens_per_second']:10,.0f} tokens/s   val loss {r['validation_loss']:.4f}")
             ratio = ours["train_tokens_per_second"] / theirs["train_tokens_per_second"]
+            report["train"]["throughput_ratio"] = ratio
             print(f"  throughput ratio hf_models / nanoGPT: {ratio:.3f}")
     write_json_atomically(args.output, report)
     print(f"\nsaved {args.output}")

@@ -88,6 +88,11 @@ class KVCacheBenchmarkArguments:
         metadata={"help": "Time no-cache steps at this many lengths and interpolate; 0: generate every token without cache."},
     )
     threads: int = field(default=1, metadata={"help": "torch threads (0: torch's default); see recipes/06_kv_cache.py."})
+    device: str = field(
+        default="cpu",
+        metadata={"help": "Where the models generate: cpu, or cuda (the GPU check, utils/gpu_check.py). generate() reads a "
+                          "token back every step, so the host-side step clock times the device's work."},
+    )
     large_layers: int = field(default=6, metadata={"help": "Layers of the random-weight model (b)."})
     large_heads: int = field(default=6, metadata={"help": "Query heads of model (b)."})
     large_kv_heads: int = field(default=3, metadata={"help": "Key/value heads of model (b) (GQA, 2 query heads per kv head)."})
@@ -270,6 +275,9 @@ def plot(results: dict, prompt_tokens: int, path: Path) -> None:
 
 def main() -> None:
     (args,) = HfArgumentParser(KVCacheBenchmarkArguments).parse_args_into_dataclasses()
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        raise SystemExit(f"--device {args.device}: allowed: cpu, or cuda where torch.cuda.is_available() (it is "
+                         f"{torch.cuda.is_available()} here)")
     if args.threads != 1:
         use_passive_omp_wait()
     if args.threads:
@@ -291,6 +299,7 @@ def main() -> None:
     start = time.perf_counter()
     for index, build in enumerate(models):
         description, model, tokenizer = build()
+        model.to(args.device)
         config = model.config
         label = f"{config.num_hidden_layers}L/{config.hidden_size}"
         large_label = label if index == 1 else large_label
@@ -300,7 +309,7 @@ def main() -> None:
               f"{model.num_parameters():,} parameters; KV cache {memory[label]['bytes_per_token'] / 1024:.1f} KiB per token (fp32)")
         results[label], timings[label] = {}, {}
         for batch_size in args.batch_sizes:
-            prompt = prompts(tokenizer, config.vocab_size, batch_size, args.prompt_tokens, args.seed)  # (B, P)
+            prompt = prompts(tokenizer, config.vocab_size, batch_size, args.prompt_tokens, args.seed).to(args.device)  # (B, P)
             results[label][batch_size], cell_timings = time_cell(model, prompt, args)
             timings[label][str(batch_size)] = cell_timings.to_dict()
             print_cell(f"{label}, batch {batch_size}: {args.prompt_tokens} -> {args.total_tokens} tokens "

@@ -51,3 +51,34 @@ def test_attention_with_kv_cache_on_cuda_matches_cpu(implementation):
         outputs[device] = torch.cat(pieces, dim=1).cpu()
     real = mask_2d.bool()  # padded query rows are garbage by design
     torch.testing.assert_close(outputs[DEVICE][real], outputs["cpu"][real], **TOLERANCE)
+
+
+DECODERS = ["zoo_gpt", "zoo_modern", "zoo_moe", "zoo_configurable"]
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_decoder_trains_and_generates_on_the_sdpa_flash_path(model_type):
+    """With SDPA allowed only its flash kernel, each attention decoder trains a step in bf16 and generates
+    with its cache; torch raises "No available kernel" if the model hands SDPA anything flash cannot
+    take (an explicit mask where ``is_causal`` would do, fp32, an odd head size). The logits must be
+    those of the math kernel, to bf16's precision. (The GPU check runs these as its ``sdpa_flash`` step.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tests.helpers import tiny_decoder
+
+    vocab = 97
+    model = tiny_decoder(model_type, vocab).to(DEVICE, torch.bfloat16)
+    ids = torch.randint(0, vocab, (2, 24), device=DEVICE)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        reference = model(input_ids=ids).logits.float()
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        model.train()
+        output = model(input_ids=ids, labels=ids)
+        output.loss.backward()
+        model.eval()
+        with torch.no_grad():
+            flash = model(input_ids=ids).logits.float()
+            generated = model.generate(ids[:1, :8], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.isfinite(output.loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    torch.testing.assert_close(flash, reference, atol=2e-2, rtol=2e-2)  # bf16: 8 mantissa bits, summation order differs
+    assert generated.shape == (1, 16)
