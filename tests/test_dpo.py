@@ -22,7 +22,6 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
 
 from hf_models.alignment import (
     DPOTrainingLoop,

@@ -9,7 +9,6 @@ come from a small git repository made here. The steps the runner runs are real p
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -27,7 +27,6 @@ import re
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from ..configuration_moe import MoEDecoderConfig
 from ..modeling_moe import MoEDecoderForCausalLM
 from .stock_configs import moe_config_from_mixtral
 
