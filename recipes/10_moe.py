@@ -29,9 +29,16 @@
 # ``hf_models.benchmarking.time_interleaved``: tokens/s ratios measured in one run. The MoE trained
 # with the balancing loss is this lesson's saved model (card: model_cards/moe.md).
 #
+# **From a pretrained MoE** (``--base_model``: a folder this recipe saved, or a Mixtral-family stock
+# checkpoint, a folder or a Hub id): both MoE runs continue pretraining the checkpoint's weights on
+# the lesson's corpus, tokenized with the checkpoint's own tokenizer; the dense run is built at the
+# checkpoint's shape (its SwiGLU ``k`` experts wide) and trained from scratch on the same batches.
+# The checkpoint then sets the shape and the tokenizer: the shape flags are refused beside it.
+#
 # Run:
 #     python recipes/10_moe.py                     # ~5 minutes on 2 idle CPU cores
 #     python recipes/10_moe.py --num_local_experts 4 --expert_intermediate_size 128   # smaller experts, top-2 of 4
+#     python recipes/10_moe.py --base_model runs/10_moe/moe-shakespeare   # continue a saved MoE (or a Mixtral checkpoint)
 
 # %%
 from __future__ import annotations
@@ -54,15 +61,21 @@ from hf_models.evaluation.expert_load import ExpertLoadCallback, imbalance
 from hf_models.recipe_support import (
     DECODER_TRAINING_DEFAULTS,
     DecoderArguments,
+    ModelSource,
     build_trainer,
     choose_bf16,
     evaluate_splits,
     finish_lesson,
+    flags_given,
     global_batch_size,
     parse_lesson_args,
     prepare_lesson_data,
+    resolve_training_model_source,
     show,
 )
+from hf_models.tokenization import load_tokenizer_for
+
+RECIPE = "recipes/10_moe.py"
 
 
 @dataclass
@@ -80,6 +93,10 @@ class MoEArguments(DecoderArguments):
     router_z_loss_coef: float = field(default=0.001, metadata={"help": "Router z-loss weight of both MoE runs (ST-MoE: 0.001)."})
     load_every: int = field(default=20, metadata={"help": "Record the expert load every N optimizer steps."})
     timing_rounds: int = field(default=8, metadata={"help": "Timed rounds of the training-step comparison."})
+    base_model: str = field(default="", metadata={"help": (
+        f"Empty (default): all three runs from scratch. Else the MoE to continue pretraining: a zoo_moe folder ({RECIPE} "
+        "writes one) or a Mixtral-family stock checkpoint (a folder or a Hub id). It sets the shape and the tokenizer, so "
+        "the shape flags are refused beside it; the dense run is built at its shape, from scratch.")})
 
 
 # Lesson 7's tuned settings (warm-up 100, cosine 2e-3 -> 1e-4; precision chosen by choose_bf16) at the budget that
@@ -87,6 +104,57 @@ class MoEArguments(DecoderArguments):
 MOE_TRAINING = dict(DECODER_TRAINING_DEFAULTS, max_steps=400, logging_steps=50)
 
 DENSE, MOE_AUX, MOE_NO_AUX = "dense", "MoE + balancing loss", "MoE, no balancing loss"
+
+# What --base_model may name: this lesson's own MoE, or transformers' Mixtral (converted to it).
+MOE_MODEL_TYPES = ("zoo_moe", "mixtral")
+
+# The flags that choose the model's shape and tokenizer. A checkpoint has both already: its weights only fit its own
+# shape and only mean something on its own token ids. So beside --base_model they are refused, not silently ignored.
+SHAPE_FLAGS = ["tokenizer", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "num_local_experts", "num_experts_per_tok", "expert_intermediate_size"]
+
+# The fields the dense model copies from the checkpoint's MoE config: everything but the feed-forward, so that only
+# the feed-forward differs between the runs.
+DENSE_FIELDS_FROM_MOE = ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                         "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_frequency_scaling",
+                         "attention_bias", "attention_output_bias", "tie_word_embeddings", "initializer_range",
+                         "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def refuse_shape_flags_beside_base_model(base_model: str) -> None:
+    """With ``--base_model`` the checkpoint sets the shape and the tokenizer; a shape flag typed beside it would be
+    ignored, and the run would not be the one asked for. Refused before anything is loaded, naming the flags."""
+    given = flags_given(MoEArguments, SHAPE_FLAGS)
+    if given:
+        raise ValueError(
+            f"--base_model {base_model!r} sets the model's shape and tokenizer, so {', '.join('--' + name for name in given)} "
+            f"cannot be given beside it. Drop them (the dense run is built at the checkpoint's shape), or drop --base_model "
+            f"to train from scratch at the shape they set. Allowed beside --base_model: the data, training, routing-loss "
+            f"(--router_aux_loss_coef, --router_z_loss_coef, --router_aux_loss_per_layer) and --dropout flags."
+        )
+
+
+def check_block_size_fits(config: MoEDecoderConfig, block_size: int, base: ModelSource) -> None:
+    """The training windows must fit the checkpoint's context (its rotary and any trained positions stop there)."""
+    if block_size > config.max_position_embeddings:
+        raise ValueError(
+            f"--block_size {block_size} is longer than the context of --base_model ({base.description}), "
+            f"{config.max_position_embeddings} tokens: pass --block_size {config.max_position_embeddings} or less."
+        )
+
+
+def continued_moe_config(base: ModelSource, **training_fields) -> MoEDecoderConfig:
+    """The checkpoint's config (its shape), with this run's training choices: the routing losses and dropout."""
+    config = MoEDecoderConfig.from_pretrained(base.folder)
+    config.update(training_fields)
+    config.validate_architecture()
+    return config
+
+
+def dense_config_at(moe_config: MoEDecoderConfig, dropout: float) -> ModernDecoderConfig:
+    """The dense decoder of equal active width at the MoE's shape: the same attention stack, one SwiGLU ``k`` experts wide."""
+    return ModernDecoderConfig(**{name: getattr(moe_config, name) for name in DENSE_FIELDS_FROM_MOE}, dropout=dropout,
+                               intermediate_size=moe_config.num_experts_per_tok * moe_config.intermediate_size)
 
 
 def time_training_steps(moe: MoEDecoderForCausalLM, dense: ModernDecoderForCausalLM, training_args: TrainingArguments,
@@ -137,11 +205,13 @@ def fresh_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def print_table(runs: dict, timings: dict) -> None:
-    print(f"\n  {'run':<24}{'parameters':>12}{'active':>12}{'val bits/byte':>15}{'Trainer tokens/s':>18}{'max load/uniform':>18}")
+    with_start = any("start" in run for run in runs.values())  # the start column, where a run did not start from scratch
+    print(f"\n  {'run':<24}{'parameters':>12}{'active':>12}{'val bits/byte':>15}{'Trainer tokens/s':>18}{'max load/uniform':>18}"
+          + ("  start" if with_start else ""))
     for name, run in runs.items():
         worst = f"{max(run['final_imbalance']):.2f}" if "final_imbalance" in run else "-"
         print(f"  {name:<24}{run['parameters']:>12,}{run['active_parameters']:>12,}{run['validation']['bits_per_byte']:>15.4f}"
-              f"{run['train_tokens_per_second']:>18,.0f}{worst:>18}")
+              f"{run['train_tokens_per_second']:>18,.0f}{worst:>18}" + (f"  {run['start']}" if with_start else ""))
     speeds = timings["tokens_per_second"]
     print(f"\ntraining step ({timings['precision']}), tokens/s measured interleaved: "
           + ", ".join(f"{name} {value:,.0f}" for name, value in speeds.items()))
@@ -182,36 +252,56 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
     defaults=dict(output_dir="runs/10_moe", model_name="moe-shakespeare", **MOE_TRAINING),
 )
 output_dir = Path(training_args.output_dir)
+base = None  # from scratch; else the pretrained MoE both MoE runs continue (refused first if it cannot be)
+if args.base_model:
+    refuse_shape_flags_beside_base_model(args.base_model)
+    base = resolve_training_model_source(args.base_model, "--base_model", RECIPE, training_args, model_types=MOE_MODEL_TYPES)
+    check_block_size_fits(MoEDecoderConfig.from_pretrained(base.folder), data_args.block_size, base)
+    print(f"start: MoE from {base.description}; dense from scratch")
 machine = describe_machine()
 precision = choose_bf16(training_args, machine)  # --bf16 wins; else bf16 only where measured faster here
 
 # %% [markdown]
-# ## 1. Data: the lessons' corpus, BPE tokenizer and random windows; every run sees the same batches.
+# ## 1. Data: the lessons' corpus, BPE tokenizer (or the checkpoint's own) and random windows; every run sees the same batches.
 
 # %%
 data = prepare_lesson_data(data_args, training_args, args.tokenizer, args.vocab_size, args.sampling,
-                           sample_prompt=lesson_args.sample_prompt)  # the context is --block_size
+                           sample_prompt=lesson_args.sample_prompt,  # the context is --block_size
+                           tokenizer=load_tokenizer_for(base.folder) if base else None)  # the checkpoint's ids, or a new tokenizer
 
 # %% [markdown]
 # ## 2. The models: one attention stack, two feed-forwards of equal active width.
+#
+# From scratch, the flags set the shape; from ``--base_model``, the checkpoint's config does, and
+# only the routing losses and dropout are this lesson's.
 
 # %%
+routing = {name: dict(output_router_logits=True, router_aux_loss_coef=coef, router_aux_loss_per_layer=args.router_aux_loss_per_layer,
+                      router_z_loss_coef=args.router_z_loss_coef)
+           for name, coef in ((MOE_AUX, args.router_aux_loss_coef), (MOE_NO_AUX, 0.0))}
 shared = dict(
     vocab_size=len(data.tokenizer), max_position_embeddings=data_args.block_size, hidden_size=args.hidden_size,
     num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
     num_key_value_heads=args.num_key_value_heads, dropout=args.dropout, eos_token_id=data.tokenizer.eos_token_id,
 )
-configs = {
-    DENSE: ModernDecoderConfig(**shared, intermediate_size=args.num_experts_per_tok * args.expert_intermediate_size),
-    **{
-        name: MoEDecoderConfig(
-            **shared, intermediate_size=args.expert_intermediate_size, num_local_experts=args.num_local_experts,
-            num_experts_per_tok=args.num_experts_per_tok, output_router_logits=True, router_aux_loss_coef=coef,
-            router_aux_loss_per_layer=args.router_aux_loss_per_layer, router_z_loss_coef=args.router_z_loss_coef,
-        )
-        for name, coef in ((MOE_AUX, args.router_aux_loss_coef), (MOE_NO_AUX, 0.0))
-    },
-}
+if base is None:
+    configs = {
+        DENSE: ModernDecoderConfig(**shared, intermediate_size=args.num_experts_per_tok * args.expert_intermediate_size),
+        **{
+            name: MoEDecoderConfig(
+                **shared, intermediate_size=args.expert_intermediate_size, num_local_experts=args.num_local_experts,
+                num_experts_per_tok=args.num_experts_per_tok, **routing[name],
+            )
+            for name in (MOE_AUX, MOE_NO_AUX)
+        },
+    }
+else:
+    moe_configs = {name: continued_moe_config(base, dropout=args.dropout, **routing[name]) for name in (MOE_AUX, MOE_NO_AUX)}
+    configs = {DENSE: dense_config_at(moe_configs[MOE_AUX], args.dropout), **moe_configs}
+starts = {DENSE: "from scratch", MOE_AUX: "from scratch", MOE_NO_AUX: "from scratch"}
+if base is not None:
+    starts.update({MOE_AUX: f"from {base.description}", MOE_NO_AUX: f"from {base.description}"})
+moe_shape = configs[MOE_AUX]  # the saved model's shape, for the card
 
 # %% [markdown]
 # ## 3. Train each on the same batches; measure held-out bits per byte and the expert load.
@@ -220,7 +310,10 @@ configs = {
 models, runs = {}, {}
 for name, config in configs.items():
     set_seed(training_args.seed)
-    model = (ModernDecoderForCausalLM if name == DENSE else MoEDecoderForCausalLM)(config)
+    if name != DENSE and base is not None:  # continued pretraining: the checkpoint's weights, this run's routing losses
+        model = MoEDecoderForCausalLM.from_pretrained(base.folder, config=config)
+    else:
+        model = (ModernDecoderForCausalLM if name == DENSE else MoEDecoderForCausalLM)(config)
     # The whole held-out splits are measured after training, so no periodic evaluation; under DDP an
     # expert that no token of a micro-batch chose has no gradient, so DDP must look for unused parameters.
     run_args = dataclasses.replace(
@@ -241,11 +334,13 @@ for name, config in configs.items():
         train_tokens_per_second=throughput.tokens_per_second,
         losses={log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log},
     )
+    if base is not None:
+        runs[name]["start"] = starts[name]
     if load is not None:
         runs[name]["expert_load"] = {step: shares.tolist() for step, shares in load.load.history}
         runs[name]["final_imbalance"] = imbalance(load.load.history[-1][1]).tolist()
     models[name] = model
-    print(f"{name}: validation bits per byte {held_out['validation']['bits_per_byte']:.4f}, "
+    print(f"{name}{f' ({starts[name]})' if base else ''}: validation bits per byte {held_out['validation']['bits_per_byte']:.4f}, "
           f"{throughput.tokens_per_second:,.0f} tokens/s")
 
 # %% [markdown]
@@ -272,6 +367,8 @@ results = {
     "machine": machine.to_dict(),
     "precision": precision,
 }
+if base is not None:  # where the MoE runs started (the dense one always starts from scratch)
+    results.update(base_model=str(base.folder), base=base.description, start=f"MoE from {base.description}; dense from scratch")
 print_table(runs, timings)
 if training_args.process_index == 0:
     plot_expert_load(runs, output_dir / "expert_load.png")
@@ -281,10 +378,13 @@ finish_lesson(
     card=dict(
         lesson="10 (mixture of experts)",
         recipe="recipes/10_moe.py",
-        summary=f"A Mixtral-style decoder ({args.num_hidden_layers} layers, width {args.hidden_size}, context "
-        f"{data_args.block_size}): each layer routes every token to {args.num_experts_per_tok} of "
-        f"{args.num_local_experts} SwiGLU experts, {moe['parameters']:,} parameters of which {moe['active_parameters']:,} "
-        "are active per token. Converts to transformers' MixtralForCausalLM with identical logits.",
+        summary=f"A Mixtral-style decoder ({moe_shape.num_hidden_layers} layers, width {moe_shape.hidden_size}, context "
+        f"{data_args.block_size}): each layer routes every token to {moe_shape.num_experts_per_tok} of "
+        f"{moe_shape.num_local_experts} SwiGLU experts, {moe['parameters']:,} parameters of which {moe['active_parameters']:,} "
+        "are active per token. Converts to transformers' MixtralForCausalLM with identical logits."
+        + (f" Continued pretraining: MoE from {base.description} (`{base.folder}`), on this corpus with its own tokenizer; "
+           "the dense model it is compared with is built at its shape and trained from scratch on the same batches."
+           if base else ""),
         tokenizer=data.tokenizer_description,
         training={
             "parameters": f"{moe['parameters']:,} ({moe['active_parameters']:,} active per token)",
@@ -295,9 +395,11 @@ finish_lesson(
             f"({'per layer' if args.router_aux_loss_per_layer else 'all layers counted together'}), "
             f"router_z_loss_coef {args.router_z_loss_coef}",
             "training throughput": f"{moe['train_tokens_per_second']:,.0f} tokens/s",
+            **({"start": f"MoE from {base.description}; dense from scratch"} if base else {}),
         },
         extra={
-            "dense model, equal active parameters, validation bits per byte": round(dense["validation"]["bits_per_byte"], 4),
+            f"dense model{' from scratch' if base else ''}, equal active parameters, validation bits per byte":
+                round(dense["validation"]["bits_per_byte"], 4),
             "MoE without balancing loss, validation bits per byte": round(runs[MOE_NO_AUX]["validation"]["bits_per_byte"], 4),
         },
         limitations="Minutes of CPU training on a few MB of plays: Shakespeare-shaped text without meaning. At this scale "

@@ -381,3 +381,69 @@ def test_lessons_8_and_11_start_from_a_stock_checkpoint(small_text_file, tmp_pat
     assert results["start"] == "zoo_modern folder tiny, from qwen2 checkpoint Qwen2-twin"
     assert "| start: zoo_modern folder tiny, from qwen2 checkpoint Qwen2-twin (before) |" in results["table"]
     assert type(AutoModelForCausalLM.from_pretrained(dpo_run / "tiny")) is ModernDecoderForCausalLM
+
+
+def test_moe_lesson_continues_a_mixtral_checkpoint(small_text_file, tmp_path):
+    """Lesson 10 from a random-weight Mixtral checkpoint in the Hub layout: both MoE runs start from its weights and
+    train on the corpus tokenized with its own tokenizer, the dense run is built at its shape from scratch, the Mixtral
+    timing still runs, and every table says where each run started. The learning rate is 1e-12, so the saved MoE must
+    still compute the checkpoint's own logits: it started from those weights, not from a fresh init."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_models import MoEDecoderForCausalLM
+    from tests.helpers import save_stock_twin, stock_twin_config
+
+    twin = save_stock_twin("mixtral", tmp_path / "Mixtral-twin")
+    flags = ["--block_size", "32", "--load_every", "2", "--timing_rounds", "2", "--learning_rate", "1e-12",
+             "--base_model", str(tmp_path / "Mixtral-twin")]
+    output_dir, card, stdout = run_recipe("10_moe", flags, small_text_file, tmp_path)
+
+    results = json.loads((output_dir / "results.json").read_text())
+    start = "from mixtral checkpoint Mixtral-twin"
+    assert results["base"] == "mixtral checkpoint Mixtral-twin" and results["start"] == f"MoE {start}; dense from scratch"
+    assert Path(results["base_model"]) == output_dir / "converted" / "Mixtral-twin"
+    runs = results["runs"]
+    assert {name: run["start"] for name, run in runs.items()} == {"dense": "from scratch", "MoE + balancing loss": start,
+                                                                  "MoE, no balancing loss": start}
+    assert f"MoE + balancing loss ({start})" in stdout and "start: MoE from mixtral checkpoint Mixtral-twin; dense from scratch" in stdout
+    assert f"Continued pretraining: MoE {start}" in card.read_text() and "dense model from scratch" in card.read_text()
+    timing = results["training_step_timing"]
+    assert timing["fp32_logits_gap_moe_vs_mixtral"] < 1e-4 and timing["moe_vs_mixtral"]["median"] > 0
+
+    # The checkpoint's shape for all three runs: the dense SwiGLU is k experts wide, so the active parameters match
+    # but for the router.
+    shape = stock_twin_config("mixtral", twin.config.vocab_size)
+    saved = AutoModelForCausalLM.from_pretrained(output_dir / "tiny").eval()
+    assert type(saved) is MoEDecoderForCausalLM
+    assert (saved.config.hidden_size, saved.config.num_local_experts, saved.config.head_dim) == (shape.hidden_size, 4, 16)
+    router = shape.num_hidden_layers * shape.hidden_size * shape.num_local_experts
+    assert runs["dense"]["active_parameters"] + router == runs["MoE + balancing loss"]["active_parameters"]
+
+    # The vocabulary is the checkpoint's tokenizer's, and the data was tokenized with it.
+    twin_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "Mixtral-twin")
+    assert AutoTokenizer.from_pretrained(output_dir / "tiny").get_vocab() == twin_tokenizer.get_vocab()
+    assert saved.config.vocab_size == twin.config.vocab_size
+
+    # Started from the checkpoint's weights: at a learning rate of 1e-12, four steps leave transformers' own logits.
+    ids = torch.tensor([twin_tokenizer.encode("ROMEO:\nBut soft, what light")])
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, twin(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ([], "is a 'llama' model; this lesson starts only from one of model_type ['zoo_moe', 'mixtral']"),
+    (["--hidden_size", "32", "--tokenizer=bpe"], "sets the model's shape and tokenizer, so --tokenizer, --hidden_size cannot be given"),
+])
+def test_moe_lesson_refuses_a_base_model_it_cannot_continue(flags, message, small_text_file, tmp_path):
+    """--base_model must name an MoE (a zoo_moe folder or a Mixtral checkpoint), and the checkpoint sets the shape: a
+    dense Llama, or shape flags typed beside it, stop the recipe before any conversion, data or training."""
+    from tests.helpers import save_stock_twin
+
+    save_stock_twin("llama" if not flags else "mixtral", tmp_path / "twin")
+    command = [sys.executable, str(REPO / "recipes" / "10_moe.py"), "--dataset", "text", "--data_files", str(small_text_file),
+               "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--base_model", str(tmp_path / "twin"), *flags]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODELS_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and message in result.stderr and "--base_model" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run" / "converted").exists() and not (tmp_path / "cache").exists()

@@ -41,6 +41,7 @@ from .arguments import (
     DecoderArguments,
     LessonArguments,
     find_model_folder,
+    flags_given,
     global_batch_size,
     in_notebook,
     parse_lesson_args,
@@ -48,7 +49,7 @@ from .arguments import (
 )
 from .lesson_data import LessonData, bpe_tokenizer_for, load_lesson_corpus, prepare_lesson_data
 from .model_card import build_model_card
-from .model_source import ModelSource, resolve_model_source, resolve_training_model_source
+from .model_source import ModelSource, check_source_model_type, resolve_model_source, resolve_training_model_source
 from .notebook import show
 from .publishing import finish_lesson, push_folder_to_hub, sample_with_pipeline
 from .trainer_setup import DECODER_TRAINING_DEFAULTS, build_trainer, choose_bf16, train_and_evaluate
@@ -65,7 +66,9 @@ __all__ = [
     "choose_bf16",
     "evaluate_splits",
     "find_model_folder",
+    "flags_given",
     "ModelSource",
+    "check_source_model_type",
     "resolve_model_source",
     "resolve_training_model_source",
     "finish_lesson",

@@ -302,6 +302,22 @@ def parse_lesson_args(
     return model_args, data_args, lesson_args, training_args
 
 
+_NOT_GIVEN = object()
+
+
+def flags_given(model_arguments_type: type, names: list[str], args: list[str] | None = None) -> list[str]:
+    """Which of ``names`` (fields of the four argument dataclasses) the command line sets, whatever their value.
+
+    Comparing a parsed value with its default cannot tell ``--hidden_size 192`` from no flag at all. So the
+    same parser is run again with those defaults replaced by a marker; a field that no longer holds it was
+    given. argparse's own rules apply (``--hidden-size``, ``--hidden_size=64``, unambiguous abbreviations).
+    """
+    parser = HfArgumentParser((model_arguments_type, DataArguments, LessonArguments, TrainingArguments))
+    parser.set_defaults(**{name: _NOT_GIVEN for name in names})
+    parsed, _ = parser.parse_known_args(args=args if args is not None else recipe_argv())
+    return [name for name in names if getattr(parsed, name) is not _NOT_GIVEN]
+
+
 def find_model_folder(path: str, flag: str, recipe: str) -> Path:
     """The saved model a fine-tuning lesson starts from: ``path`` itself when it holds ``config.json``,
     else its one sub-folder that does (a run folder such as ``runs/05_modern_gpt``).

@@ -1,7 +1,9 @@
 """What a lesson trains on: the corpus, its tokenizer and the training examples.
 
 ``prepare_lesson_data`` runs the data half of every recipe, corpus -> tokenizer -> examples, and
-hands back a :class:`LessonData`. Lessons 2-5 train the hand-written byte-level BPE of lesson 2 on
+hands back a :class:`LessonData`. A lesson that continues training a pretrained model passes that
+model's own tokenizer instead (``tokenizer=``): its weights only mean something on its own token ids,
+so the corpus is tokenized with it and no tokenizer is built. Lessons 2-5 train the hand-written byte-level BPE of lesson 2 on
 the training split; training it takes a minute on the Shakespeare corpus, so the result is cached
 under ``hf_models.files.cache_dir`` keyed by a hash of the text and the vocabulary size, and every
 later run on the same text reuses it.
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, TrainingArguments
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, TrainingArguments
 
 from ..data import RandomWindows, load_corpus, pack_for_causal_lm, split_token_ids
 from ..files import cache_dir, save_folder_atomically
@@ -77,6 +79,7 @@ def prepare_lesson_data(
     sampling: str = "blocks",
     retrain_tokenizer: bool = False,
     sample_prompt: str = "",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> LessonData:
     """Corpus -> tokenizer -> training examples.
 
@@ -89,6 +92,8 @@ def prepare_lesson_data(
         retrain_tokenizer: train the BPE even when a cached one exists (lesson 2 times it).
         sample_prompt: for a model whose context is ``--block_size``, the ``--sample_prompt`` to check
             fits in it with room to generate (the sample is drawn after training and saving).
+        tokenizer: an existing tokenizer (a pretrained model's own) to tokenize the corpus with; then
+            none is built, and ``tokenizer_kind`` and ``vocab_size`` are not read.
     """
     if sampling not in ("blocks", "random_windows"):
         raise ValueError(f"sampling (--sampling) must be one of ['blocks', 'random_windows'], got {sampling!r}.")
@@ -98,7 +103,7 @@ def prepare_lesson_data(
     with training_args.main_process_first(desc="preparing the lesson's data"):
         # The other processes read what the main one just cached, even for lesson 2's timed retraining.
         retrain_tokenizer = retrain_tokenizer and training_args.local_process_index == 0
-        data = _prepare_lesson_data(data_args, training_args, tokenizer_kind, vocab_size, sampling, retrain_tokenizer)
+        data = _prepare_lesson_data(data_args, training_args, tokenizer_kind, vocab_size, sampling, retrain_tokenizer, tokenizer)
     check_sample_prompt_fits(data.tokenizer, sample_prompt, data_args.block_size)
     return data
 
@@ -110,12 +115,15 @@ def _prepare_lesson_data(
     vocab_size: int,
     sampling: str,
     retrain_tokenizer: bool,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> LessonData:
     corpus = load_lesson_corpus(data_args)
     if tokenizer_kind == "auto":
         tokenizer_kind = "char" if data_args.dataset == "text" else "bpe"
     seconds = 0.0
-    if tokenizer_kind == "char":
+    if tokenizer is not None:
+        description = f"the pretrained model's own, {len(tokenizer)} tokens ({type(tokenizer).__name__})"
+    elif tokenizer_kind == "char":
         tokenizer = build_char_tokenizer("".join(corpus["train"]["text"]))
         description = f"character level, {len(tokenizer)} tokens"
     else:

@@ -8,6 +8,11 @@ cannot compute exactly is refused by name) and saved once, with its own tokenize
 under ``<output_dir>/converted/``; from there the lesson reads it as it reads any zoo folder, so
 every later step (``from_pretrained``, trl rebuilding a reference model from the folder, peft's
 adapter config) sees the zoo model. Tables and cards name the start by what it is.
+
+A lesson that can only start from one kind of model (lesson 10 continues pretraining a mixture of
+experts) passes ``model_types``: the ``model_type`` of the folder, or of the stock config, is read
+first (a config file, no weights) and anything else refused, naming the flag, the value and the
+types allowed, before a checkpoint is converted or any data is prepared.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from transformers import AutoConfig
 
 from ..conversion.stock import describe_source, folder_model_type, is_stock_checkpoint, load_stock_checkpoint, looks_like_hub_id
 from ..files import save_folder_atomically
@@ -63,16 +70,47 @@ def convert_stock_checkpoint(name_or_path: str, output_dir: str | os.PathLike, c
     return folder
 
 
-def resolve_model_source(value: str, flag: str, recipe: str, output_dir: str | os.PathLike, convert: bool = True) -> ModelSource:
+def source_model_type(value: str, flag: str, recipe: str) -> str | None:
+    """The ``model_type`` ``value`` names, read from a config alone: a zoo folder's (``zoo_moe``), a stock folder's or
+    a Hub id's (``mixtral``). ``None`` for a Hub id the Hub cannot be asked about (offline): loading it fails later, by name."""
+    path = Path(value)
+    if path.exists() and not is_stock_checkpoint(path):
+        return folder_model_type(find_model_folder(value, flag, recipe))
+    if path.exists():
+        return folder_model_type(path)
+    if looks_like_hub_id(value):
+        try:
+            return AutoConfig.from_pretrained(value).model_type
+        except (OSError, ValueError):  # not on the Hub, no network, HF_HUB_OFFLINE, or a model_type transformers lacks
+            return None
+    return folder_model_type(find_model_folder(value, flag, recipe))  # raises, naming the recipe that writes one
+
+
+def check_source_model_type(value: str, flag: str, recipe: str, model_types: tuple[str, ...]) -> None:
+    """Refuse ``value`` unless its ``model_type`` is one of ``model_types`` (see :func:`source_model_type`)."""
+    kind = source_model_type(value, flag, recipe)
+    if kind is not None and kind not in model_types:
+        raise ValueError(
+            f"{flag} {value!r} is a {kind!r} model; this lesson starts only from one of model_type {list(model_types)}: "
+            f"a folder `python {recipe}` saved, or a stock checkpoint of that family (a folder or a Hub id)."
+        )
+
+
+def resolve_model_source(value: str, flag: str, recipe: str, output_dir: str | os.PathLike, convert: bool = True,
+                         model_types: tuple[str, ...] | None = None) -> ModelSource:
     """The zoo folder ``value`` names (see the module docstring), checked, with its description.
 
     ``convert=False`` (the other processes of a launch, after the first converted) reads the folder the
-    first process saved instead of converting again.
+    first process saved instead of converting again. ``model_types`` (zoo and stock ``model_type`` names,
+    e.g. ``("zoo_moe", "mixtral")``) limits what is accepted; ``None`` accepts every model.
 
     Raises:
-        ValueError: no model there (naming ``flag`` and the ``recipe`` that writes one), a folder with a
-            file missing, or a stock config the zoo does not compute exactly (naming the field).
+        ValueError: no model there (naming ``flag`` and the ``recipe`` that writes one), a model of a type
+            not in ``model_types``, a folder with a file missing, or a stock config the zoo does not compute
+            exactly (naming the field).
     """
+    if model_types is not None:
+        check_source_model_type(value, flag, recipe, model_types)  # before anything is converted
     path = Path(value)
     if path.exists() and not is_stock_checkpoint(path):
         folder = find_model_folder(value, flag, recipe)
@@ -94,14 +132,17 @@ def resolve_model_source(value: str, flag: str, recipe: str, output_dir: str | o
     return ModelSource(folder, describe_zoo_folder(folder))
 
 
-def resolve_training_model_source(value: str, flag: str, recipe: str, training_args) -> ModelSource:
+def resolve_training_model_source(value: str, flag: str, recipe: str, training_args,
+                                  model_types: tuple[str, ...] | None = None) -> ModelSource:
     """:func:`resolve_model_source` for a lesson that may run as several processes (``accelerate launch``): a stock
     checkpoint is converted by the first process of each machine while the others wait, then read by all."""
     output_dir = training_args.output_dir
     if not is_stock_checkpoint(value):
-        return resolve_model_source(value, flag, recipe, output_dir)
+        return resolve_model_source(value, flag, recipe, output_dir, model_types=model_types)
     with training_args.main_process_first(desc="converting the stock checkpoint"):
-        return resolve_model_source(value, flag, recipe, output_dir, convert=training_args.local_process_index == 0)
+        return resolve_model_source(value, flag, recipe, output_dir, convert=training_args.local_process_index == 0,
+                                    model_types=model_types)
 
 
-__all__ = ["resolve_training_model_source", "ModelSource", "convert_stock_checkpoint", "converted_folder", "describe_zoo_folder", "resolve_model_source"]
+__all__ = ["check_source_model_type", "resolve_training_model_source", "ModelSource", "convert_stock_checkpoint", "converted_folder", "describe_zoo_folder", "resolve_model_source",
+           "source_model_type"]
