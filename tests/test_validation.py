@@ -73,6 +73,16 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_training(tmp_pat
     assert f"--output_dir {unwritable!r} cannot be written" in message and "Pass a folder you can write to" in message
 
 
+def test_an_output_dir_that_is_or_lies_under_a_file_is_refused_before_training(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for output_dir, where in ((a_file, "is a file"), (a_file / "run", f"lies under {str(a_file)!r}, which is a file")):
+        with pytest.raises(ValueError) as error:
+            parse(tmp_path, "--output_dir", str(output_dir))
+        assert f"--output_dir {str(output_dir)!r} {where}: it must be a folder" in str(error.value)
+    assert a_file.read_text() == "mine"
+
+
 def test_a_sample_prompt_longer_than_the_context_is_refused_before_training(tmp_path):
     text = tmp_path / "plays.txt"
     text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 20)

@@ -97,22 +97,6 @@ class DecoderArguments:
     )
 
 
-def check_output_dir(output_dir: str) -> None:
-    """Refuse an ``--output_dir`` that is, or lies under, an existing file.
-
-    The folder itself is created when the lesson saves; what cannot work is a path whose nearest
-    existing part is a file (``mkdir`` would fail with a bare ``FileExistsError`` after training).
-    """
-    path = Path(output_dir).expanduser()
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        where = "is a file" if existing == path else f"lies under {str(existing)!r}, which is a file"
-        raise ValueError(
-            f"--output_dir {output_dir!r} {where}: it must be a folder, either existing or one that can be "
-            f"created (runs/<lesson> by default)."
-        )
-
-
 def check_model_name(model_name: str) -> None:
     """Refuse a ``--model_name`` that is not one plain folder name.
 
@@ -264,9 +248,9 @@ def parse_lesson_args(
 
     Raises:
         ValueError: a flag that cannot work, naming it, its value and what is allowed
-            (:func:`check_output_dir`, :func:`check_model_name`, :func:`check_resume` and
-            ``validation.validate_lesson_args``: counts, learning rate, steps and epochs, an
-            ``--output_dir`` that cannot be written).
+            (:func:`check_model_name`, :func:`check_resume` and ``validation.validate_lesson_args``:
+            counts, learning rate, steps and epochs, an ``--output_dir`` that is a file or cannot be
+            written).
         RuntimeError: a multi-process launch whose processes would train separately (:func:`check_launch`),
             or another run holding ``--output_dir``.
     """
@@ -287,7 +271,6 @@ def parse_lesson_args(
         **defaults,
     )
     model_args, data_args, lesson_args, training_args = parser.parse_args_into_dataclasses(args=args if args is not None else recipe_argv())
-    check_output_dir(training_args.output_dir)
     if "model_name" in defaults:  # the recipe saves a model folder named by it
         check_model_name(lesson_args.model_name)
     validate_lesson_args(model_args, data_args, lesson_args, training_args)

@@ -73,7 +73,8 @@ def check_counts(*argument_objects: Any) -> None:
 
 def check_output_dir_writable(output_dir: str, flag: str = "--output_dir") -> None:
     """Refuse now an ``output_dir`` the lesson cannot save into, not with a bare ``OSError`` after training
-    (when the trained model would be lost).
+    (when the trained model would be lost): a path that is, or lies under, a file, or a folder that
+    cannot be written.
 
     The probe is a uniquely named folder made and removed in the nearest part of the path that exists
     (the output folder itself, or the parent that would hold it). Nothing is created along the way, so a
@@ -82,6 +83,11 @@ def check_output_dir_writable(output_dir: str, flag: str = "--output_dir") -> No
     """
     path = Path(output_dir).expanduser()
     existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():  # mkdir would fail with a bare FileExistsError after training
+        where = "is a file" if existing == path else f"lies under {str(existing)!r}, which is a file"
+        raise ValueError(
+            f"{flag} {output_dir!r} {where}: it must be a folder, either existing or one that can be created."
+        )
     try:
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-check-"))
     except OSError as error:
