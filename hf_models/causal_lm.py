@@ -31,6 +31,7 @@ from contextvars import ContextVar
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, LinearAttentionLayer
@@ -94,8 +95,8 @@ def mask_has_padding(attention_mask: torch.Tensor | None, past_length: int) -> b
     """
     if attention_mask is None:
         return False
-    if past_length > 0 or is_tracing():
-        return True
+    if is_tracing() or isinstance(past_length, torch.Tensor) or past_length > 0:
+        return True  # (a 0-d tensor past length comes from a static cache: no host read of it either)
     return not bool(attention_mask.all())
 
 
@@ -349,6 +350,24 @@ class ZooPreTrainedModel(PreTrainedModel):
             cache.activate_past_recording()  # a draft model rolls back what the main model rejects
         model_kwargs[CACHE_FIELD] = cache
 
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, cache: Cache | None = None, inputs_embeds: torch.Tensor | None = None, **kwargs):
+        """The mask ``generate`` hands each forward when the cache is compileable (a static cache).
+
+        transformers would build its own 4-D mask here. The zoo's models build theirs from the 2-D
+        (B, L) padding mask (``build_causal_mask``), so they get that one, right-padded with zeros to
+        the cache's key length (``max_cache_len``): then every decoding step passes a mask of *one*
+        shape, and a compiled forward is not re-traced as ``L`` grows by one per token. The padded
+        columns are slots not yet written; causality hides them whatever they say.
+        """
+        if attention_mask is None or attention_mask.dim() != 2 or cache is None:
+            return attention_mask
+        query_length = inputs_embeds.shape[1] if inputs_embeds is not None else 1
+        key_length, _ = cache.get_mask_sizes(query_length, 0)
+        key_length = int(key_length)
+        if attention_mask.shape[-1] < key_length:
+            attention_mask = F.pad(attention_mask, (0, key_length - attention_mask.shape[-1]), value=0)  # (B, L) -> (B, S)
+        return attention_mask
+
     def _validate_generated_length(self, generation_config, input_ids_length: int, has_default_max_length: bool):
         """Refuse up front a generation longer than learned positions can encode (not at token 129)."""
         limit = self.context_limit()
@@ -404,7 +423,7 @@ class ZooPreTrainedModel(PreTrainedModel):
             raise ValueError(f"input_ids must have shape (batch, sequence), got shape {tuple(input_ids.shape)}.")
         # The range check reads min/max back to the host: a device sync on a GPU. Decode steps
         # (past_length > 0) feed back ids the model itself produced, so only fresh input is checked.
-        if not is_tracing() and past_length == 0 and input_ids.numel():
+        if not is_tracing() and not isinstance(past_length, torch.Tensor) and past_length == 0 and input_ids.numel():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 bad = low if low < 0 else high

@@ -33,13 +33,21 @@ The in-place writes make these caches inference-only (run them under ``torch.no_
 ``torch.inference_mode()``, as ``generate`` does): autograd refuses a buffer that was overwritten
 after a step saved it for backward. ``DynamicCache`` allocates fresh tensors and has no such limit.
 
-Both return the filled prefix, of length ``past + new``, rather than the whole buffer. So a model
-masks a static cache exactly like a growing one (``get_mask_sizes`` reports ``past + new``):
-attention never touches the unfilled tail, the single-token decode step needs no mask at all, and
-stale data left by ``crop``/``reset`` is never visible. transformers' ``StaticCache`` returns the
-whole ``max_cache_len`` buffer instead, because ``torch.compile`` wants one shape for every step;
-that costs attention over empty slots and an explicit mask (the slots sit after every query's
-position, so a causal mask hides them -- ``attention.build_causal_mask`` handles both).
+Two contracts: eager-friendly and compile-friendly
+--------------------------------------------------
+The growing cache keeps its length as a Python int and returns the filled prefix, of length
+``past + new``: a model masks it like ``DynamicCache`` (``get_mask_sizes`` reports ``past + new``),
+attention never touches unused slots, and the single-token decode step needs no mask at all.
+
+The static cache is built for ``torch.compile`` instead (transformers' ``StaticCache`` contract).
+A compiled graph is specialised on every Python int it reads and on every tensor shape: a length
+kept as an int, or a prefix that grows by one each token, would make each token a new graph. So
+its fill level is a 0-d tensor advanced in place, writes go through ``index_copy_`` at positions
+computed on the device, and ``update`` returns the *whole* ``max_cache_len`` buffer, the same shape
+at every step. The cost is attention over the empty tail and an explicit mask (those slots sit after
+every query's position, so a causal mask hides them -- ``attention.build_causal_mask`` handles both);
+the gain is one graph for the whole decode: ``generate(..., cache_implementation="static",
+compile_config=CompileConfig(...))`` compiles the forward once and replays it for every token.
 
 How generate() uses a cache
 ---------------------------
@@ -66,10 +74,9 @@ class KVBufferLayer(CacheLayerMixin):
     Subclasses decide what happens when a write does not fit (``_ensure_capacity``).
     """
 
-    # When `generate` sees a compileable cache it replaces the 2-D padding mask with a 4-D mask it
-    # builds itself (`create_masks_for_generate`, sized for a full-buffer StaticCache) and may try to
-    # `torch.compile` the forward. Our models build their masks from the 2-D mask, and these layers
-    # return variable-length prefixes, so neither applies: report not compileable.
+    # `generate` may `torch.compile` the forward only with a compileable cache. Prefix views change
+    # shape every token (a new graph each time), so only `StaticKVLayer`, which returns its whole
+    # buffer, says it is.
     is_compileable = False
     is_croppable = True
     is_sliding = False
@@ -226,15 +233,37 @@ class GrowingKVLayer(KVBufferLayer):
 class StaticKVLayer(KVBufferLayer):
     """A layer cache preallocated to ``max_cache_len`` slots on its first write, then only written in place.
 
+    Built so that ``torch.compile`` traces one decoding step once and replays it for every token:
+
+    * **The fill level is a 0-d tensor** (``cumulative_length``), advanced in place with ``add_``.
+      A Python int would be a constant baked into the compiled graph: dynamo guards on it, so the
+      next token (a different int) would recompile. A tensor is a graph *input*; its value may change
+      freely.
+    * **Writes go through** ``index_copy_`` at the slots ``cumulative_length + arange(T)``: the
+      destination is computed on the device, not sliced with Python ints.
+    * **``update`` returns the whole buffer**, (B, H_kv, max_cache_len, D), the same shape at every
+      step. A view of the filled prefix would have a different length each token (a new shape, a
+      new graph). The price is attention over the empty tail; the model's mask hides it (those slots
+      lie after every query's position, so causality alone masks them), which is why
+      ``get_mask_sizes`` reports ``max_cache_len``.
+
+    This is transformers' ``StaticLayer`` contract, so ``generate`` can compile the forward
+    (``cache_implementation="static"`` with a ``compile_config``). ``GrowingKVLayer`` keeps the
+    eager-friendly contract (Python int length, prefix views).
+
     Args:
         max_cache_len: the most tokens (prompt + generated) it can hold.
     """
 
+    is_compileable = True
+
     def __init__(self, max_cache_len: int) -> None:
         super().__init__()
-        if max_cache_len < 1:
-            raise ValueError(f"StaticKVLayer max_cache_len must be a positive integer, got {max_cache_len}.")
+        if not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"StaticKVLayer max_cache_len must be a positive integer, got {max_cache_len!r}.")
         self.max_cache_len = max_cache_len
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)  # 0-d: tokens written so far
+        self.fresh = True  # nothing written since creation or reset: the next write may re-allocate
 
     def _initial_capacity(self, needed: int) -> int:
         if needed > self.max_cache_len:
@@ -246,6 +275,93 @@ class StaticKVLayer(KVBufferLayer):
             f"StaticKVCache is full: it needs {needed} slots but max_cache_len={self.max_cache_len}. "
             f"Create it with a larger max_cache_len (prompt length + max_new_tokens)."
         )
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate the full-length buffers (zeros: the empty tail is read, masked, by attention)."""
+        super().lazy_initialization(key_states, value_states)
+        self.key_buffer.zero_()
+        self.value_buffer.zero_()
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        # transformers' `StaticLayer` does the same: it tells dynamo these tensors keep their address, so
+        # a compiled graph (and a CUDA graph) may write into them in place without being re-recorded.
+        if not torch.compiler.is_compiling():
+            for tensor in (self.key_buffer, self.value_buffer, self.cumulative_length):
+                torch._dynamo.mark_static_address(tensor)
+
+    def _set_length(self, length: int) -> None:
+        """Set the fill level (in place: a compiled graph holds this very tensor); ``keys``/``values`` are the whole buffers."""
+        self.cumulative_length.fill_(length)
+        self.keys, self.values = self.key_buffer, self.value_buffer
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v of shape (B, H_kv, T, D) at the next T slots; return both whole (B, H_kv, max_cache_len, D) buffers."""
+        if self.fresh:
+            # The first write of a sequence (never compiled: `generate` runs the prompt eagerly) may bring a
+            # new batch size, dtype or device.
+            if not (self.is_initialized and self._fits(key_states, value_states)):
+                self.lazy_initialization(key_states, value_states)
+            self.fresh = False
+        new_tokens = key_states.shape[-2]
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            # One host read per layer and step; compiled, the check is skipped (index_copy_ still refuses
+            # an out-of-range slot).
+            needed = int(self.cumulative_length) + new_tokens
+            if needed > self.max_cache_len:
+                self._ensure_capacity(needed)
+        slots = torch.arange(new_tokens, device=self.key_buffer.device) + self.cumulative_length  # (T,)
+        self.key_buffer.index_copy_(2, slots, key_states)  # in place, into slots along the sequence axis
+        self.value_buffer.index_copy_(2, slots, value_states)
+        self.cumulative_length.add_(new_tokens)  # in place, never rebound: the compiled graph holds it
+        return self.key_buffer, self.value_buffer
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        """The fill level, a 0-d tensor (0 before the first write), as transformers' ``StaticLayer``."""
+        return self.cumulative_length if self.is_initialized else 0
+
+    @property
+    def length(self) -> int:
+        """The fill level as a Python int (a host read: for inspection, not for the decoding loop)."""
+        return int(self.cumulative_length)
+
+    @length.setter
+    def length(self, value: int) -> None:
+        # `KVBufferLayer.__init__` sets `length = 0` before the tensor exists; the tensor is the truth.
+        pass
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset): ``update`` returns the whole buffer, so ``max_cache_len`` from 0."""
+        return self.max_cache_len, 0
+
+    def reset(self) -> None:
+        """Forget the contents but keep the buffers (stale slots sit beyond the fill level, masked)."""
+        if self.is_initialized:
+            self.cumulative_length.zero_()
+        self.fresh = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (negative count): only the fill level moves back."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop takes a negative number of tokens to remove, got {tokens_to_remove}; "
+                f"use crop(-n) to remove the last n tokens."
+            )
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.cumulative_length.sub_(-tokens_to_remove).clamp_(min=0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``b`` becomes old row ``beam_idx[b]``, written in place into the same buffers."""
+        if not self.is_initialized:
+            return
+        beam_idx = beam_idx.to(self.key_buffer.device)
+        self.key_buffer.copy_(self.key_buffer.index_select(0, beam_idx))
+        self.value_buffer.copy_(self.value_buffer.index_select(0, beam_idx))
+
+    def __repr__(self) -> str:
+        length = self.length if self.is_initialized else 0
+        return f"{type(self).__name__}(length={length}, max_cache_len={self.max_cache_len})"
 
     def get_max_length(self) -> int:
         return self.max_cache_len
@@ -276,8 +392,9 @@ class StaticKVCache(Cache):
         num_layers: create this many layers now (so ``early_initialization`` can preallocate them);
             ``None`` creates them as layers first write.
 
-    ``update(k, v, layer_idx)`` returns views of the filled prefix, (B, H_kv, past + T, D), so masks
-    are built as for a growing cache; see the module docstring.
+    ``update(k, v, layer_idx)`` returns the whole buffers, (B, H_kv, max_cache_len, D), the same shape
+    at every step, and the fill level is a 0-d tensor: what ``torch.compile`` needs to trace one
+    decoding step once (see :class:`StaticKVLayer` and the module docstring).
     """
 
     def __init__(self, max_cache_len: int, num_layers: int | None = None) -> None:
@@ -286,3 +403,8 @@ class StaticKVCache(Cache):
             super().__init__(layer_class_to_replicate=partial(StaticKVLayer, max_cache_len=max_cache_len))
         else:
             super().__init__(layers=[StaticKVLayer(max_cache_len) for _ in range(num_layers)])
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """(max_cache_len, 0) for every layer, also one not created yet (``Cache`` would answer ``query_length``
+        for it, but the first write already returns the whole buffer)."""
+        return self.max_cache_len, 0

@@ -298,7 +298,7 @@ def build_causal_mask(
     if attention_mask is not None:
         if attention_mask.dim() == 4:
             return attention_mask
-        if attention_mask.shape[-1] < past_length + query_length:
+        if not isinstance(past_length, torch.Tensor) and attention_mask.shape[-1] < past_length + query_length:
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache holds {past_length} "
                 f"and {query_length} are new; a 2-D mask must cover past and new tokens."
@@ -430,6 +430,8 @@ class GPTPreTrainedModel(ZooPreTrainedModel):
     """The GPT's init and transformers flags, shared by the backbone and the causal LM."""
 
     config_class = GPTConfig
+    # One decoding step traces into one graph with lesson 6's static cache (tests/test_generation_features.py).
+    _can_compile_fullgraph = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True

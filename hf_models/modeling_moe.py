@@ -440,7 +440,7 @@ def build_causal_mask(
     if attention_mask is not None:
         if attention_mask.dim() == 4:
             return attention_mask
-        if attention_mask.shape[-1] < past_length + query_length:
+        if not isinstance(past_length, torch.Tensor) and attention_mask.shape[-1] < past_length + query_length:
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache holds {past_length} "
                 f"and {query_length} are new; a 2-D mask must cover past and new tokens."
@@ -739,6 +739,8 @@ class MoEDecoderPreTrainedModel(ZooPreTrainedModel):
     """The MoE decoder's init (the router is a bare parameter the generic init does not know) and transformers flags."""
 
     config_class = MoEDecoderConfig
+    # One decoding step traces into one graph with lesson 6's static cache (tests/test_generation_features.py).
+    _can_compile_fullgraph = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True

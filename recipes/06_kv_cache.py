@@ -24,8 +24,10 @@
 # allocate the whole buffer once, before the first token: nothing is reallocated while decoding,
 # memory use is known up front (a server admits a request only if its cache fits), and the tensors
 # keep their shapes and addresses, which is what ``torch.compile`` and CUDA graphs need.
-# ``StaticCache`` returns the *whole* buffer at every step (one shape, the empty tail masked);
-# ``StaticKVCache`` returns the filled prefix (no work on empty slots, built for eager decoding).
+# Both return the *whole* buffer at every step (one shape, the empty tail masked) and keep their
+# fill level in a tensor, so ``generate(..., cache_implementation="static", compile_config=...)``
+# compiles one decoding step once; ``GrowingKVCache`` returns the filled prefix (no work on empty
+# slots, built for eager decoding).
 #
 # Memory
 # ------

@@ -287,3 +287,31 @@ def test_a_registered_attention_function_is_used(tiny_tokenizer):
         model.config._attn_implementation = "nonsense"
         model(ids)
 
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_compiled_static_cache_decoding_traces_once(model_type):
+    """``cache_implementation="static"`` with a ``compile_config``, as transformers documents it for its own
+    models: ``generate`` compiles the forward (fullgraph: no graph break), the greedy tokens equal the eager
+    path's, and decoding never recompiles: one graph for every token of two prompts, left-padded batches
+    included (``error_on_recompile`` turns any recompilation into an error)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = build_tiny_model(model_type, 60, seed=2, initializer_range=0.3).eval().requires_grad_(False)
+    compile_config = CompileConfig(backend="eager", fullgraph=True, dynamic=False)  # dynamo's tracing, no codegen: fast
+    compile_config._compile_all_devices = True  # transformers' switch to compile on a CPU too
+    batch = torch.tensor([[0, 0, 5, 17, 3], [4, 42, 9, 11, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for ids, attention_mask in ((batch, mask), (batch.flip(0), mask.flip(0))):
+            expected = model.generate(ids, attention_mask=attention_mask, **settings)
+            got = model.generate(ids, attention_mask=attention_mask, cache_implementation="static", compile_config=compile_config, **settings)
+            assert torch.equal(got, expected)
+    assert len(set(expected[0, 5:].tolist())) > 1  # weights varied enough that the check means something
+    assert counters["stats"]["unique_graphs"] == 1  # traced once, replayed for the other 9 decoding steps
+    assert counters["stats"]["calls_captured"] > 0
+    assert type(model)._can_compile_fullgraph
