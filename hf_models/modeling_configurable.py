@@ -610,6 +610,43 @@ class ConfigurableAttention(nn.Module):
         )
 
 
+# How MoEExperts runs its per-expert matmuls: "grouped_mm" or "sorted_runs" (see MoEExperts), the
+# faster of the two in benchmarks/moe_dispatch.py; a model can switch with `block.experts.dispatch = ...`.
+MOE_DISPATCH = "grouped_mm"
+
+
+# Copied from hf_models.modeling_moe.register_legacy_expert_layout
+def register_legacy_expert_layout(model_type: str) -> None:
+    """Teach ``from_pretrained`` the layout of folders saved before the experts were fused.
+
+    Those folders hold one ``nn.Linear`` per expert and projection, ``mlp.experts.<e>.gate_proj.weight``
+    (I, C), ``up_proj`` (I, C) and ``down_proj`` (C, I). transformers 5 converts checkpoint keys on
+    load with ``WeightConverter``s (as it does for Mixtral's own old ``w1/w2/w3`` checkpoints): the
+    per-expert matrices are stacked over ``e`` and gate and up concatenated into ``gate_up_proj``.
+    The zoo saves the fused layout only (``save_original_format=False`` in ``save_pretrained``).
+    """
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+
+    if get_checkpoint_conversion_mapping(model_type) is not None:
+        return
+    register_checkpoint_conversion_mapping(model_type, [
+        WeightConverter(
+            source_patterns=[".experts.*.gate_proj.weight", ".experts.*.up_proj.weight"],
+            target_patterns=".experts.gate_up_proj",
+            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],  # E x (I, C) twice -> (E, I, C) twice -> (E, 2I, C)
+        ),
+        WeightConverter(
+            source_patterns=[".experts.*.down_proj.weight"],
+            target_patterns=".experts.down_proj",
+            operations=[MergeModulelist(dim=0)],  # E x (C, I) -> (E, C, I)
+        ),
+    ])
+
+
+register_legacy_expert_layout(ConfigurableDecoderConfig.model_type)
+
+
 # Copied from hf_models.modeling_moe.TopKRouter
 class TopKRouter(nn.Module):
     """Scores the experts for each token and keeps the ``k`` best, with weights renormalised to sum to 1.
@@ -649,9 +686,111 @@ class TopKRouter(nn.Module):
         return f"num_experts={self.num_experts}, top_k={self.top_k}"
 
 
+# Copied from hf_models.modeling_moe.MoEExperts
+class MoEExperts(nn.Module):
+    """``E`` SwiGLU experts in Mixtral's fused layout, dropless, run only on the tokens routed to them.
+
+    Layout (transformers 5's ``MixtralExperts``, so converting to Mixtral is a rename)::
+
+        gate_up_proj  (E, 2I, C)   rows [:I] the SwiGLU gate, rows [I:] the up projection
+        down_proj     (E, C, I)
+
+    Why fused: one (E, ...) tensor per projection instead of ``3 * E`` ``nn.Linear`` modules. The
+    gate and up projections read the same input, so one (2I, C) matmul replaces two (I, C) ones
+    (2 matmuls per expert instead of 3); a single 3-D tensor is what a grouped GEMM takes whole; the
+    checkpoint is Mixtral's. The price: the experts are no longer ``nn.Linear``, so LoRA reaches them
+    through ``target_parameters`` (peft's ``ParamWrapper``, lesson 8's ``hf_models.adapters``) and
+    bitsandbytes, which only swaps ``nn.Linear`` layers, leaves them in full precision (lesson 9).
+
+    Dispatch, in :meth:`forward`: the ``N * k`` (token, expert) slots are **sorted by expert** once
+    (``argsort`` of the expert ids); each expert's tokens are then one contiguous run of the sorted
+    batch, and each expert multiplies its run only, as dense matmuls. Nothing is computed for a token
+    an expert does not see: a decode step with one token runs exactly its ``k`` experts. Two ways
+    to run the per-expert matmuls over the runs, ``dispatch``:
+
+    * ``"grouped_mm"``: ``torch._grouped_mm(x, W, offs)`` multiplies the run ending at ``offs[e]``
+      by ``W[e]``, all experts in one call (the grouped GEMM of MegaBlocks and CUTLASS). The run
+      ends stay on the device: no host read, so it is also what ``torch.compile`` traces.
+    * ``"sorted_runs"``: the same as a Python loop of one matmul per expert over
+      ``split(counts.tolist())``: readable, and one host read of the counts per layer.
+
+    ``benchmarks/moe_dispatch.py`` times both; :data:`MOE_DISPATCH` is the faster one measured.
+
+    At scale, **expert parallelism** (GShard, Lepikhin et al. 2020) puts different experts on
+    different devices: the sorted runs are exactly what one all-to-all sends to each expert's device,
+    and a second all-to-all brings the results back before the weighted sum.
+
+    Args:
+        hidden_size: model width ``C``.
+        intermediate_size: each expert's SwiGLU width ``I``.
+        num_experts: ``E``.
+        bias: biases ``gate_up_proj_bias`` (E, 2I) and ``down_proj_bias`` (E, C) (Mixtral: no).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, bias: bool = False) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size)) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size)) if bias else None
+        self.dispatch = MOE_DISPATCH
+
+    def forward(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Tokens (N, C), top-k weights (N, k) and expert ids (N, k) -> the weighted sum of each token's experts (N, C)."""
+        top_k = experts.shape[-1]
+        flat_experts = experts.reshape(-1)  # (N*k,): slot s belongs to token s // k
+        order = flat_experts.argsort(stable=True)  # (N*k,): the slots, expert 0's first
+        token_of_slot = order // top_k  # (N*k,): the token of each sorted slot
+        expert_of_slot = flat_experts[order]  # (N*k,): non-decreasing
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)  # (E,): the length of each run
+        grouped = tokens[token_of_slot]  # (N*k, C): expert 0's run, then expert 1's, ...
+        if self.dispatch == "grouped_mm" or is_tracing():
+            run = self.grouped_mm_runs
+        else:
+            run = self.sorted_runs
+        expert_out = run(grouped, counts, expert_of_slot)  # (N*k, C), still in sorted order
+        expert_out = expert_out * weights.reshape(-1)[order, None].to(expert_out.dtype)
+        return torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out.to(tokens.dtype))  # (N, C)
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """(M, 2I) -> (M, I): ``silu(gate) * up``, gate first as in ``MixtralExperts``."""
+        gate, up = gate_up.chunk(2, dim=-1)  # (M, I) each
+        return F.silu(gate) * up
+
+    def grouped_mm_runs(self, grouped: torch.Tensor, counts: torch.Tensor, expert_of_slot: torch.Tensor) -> torch.Tensor:
+        """All experts in one ``torch._grouped_mm`` per projection: rows up to ``offs[e]`` (exclusive of the previous run) times ``W[e]``."""
+        offsets = counts.cumsum(0).to(torch.int32)  # (E,): where each run ends, on the device
+        # _grouped_mm takes (M, K) @ (E, K, N): the transposes are views of Mixtral's (E, out, in) tensors.
+        gate_up = torch._grouped_mm(grouped, self.gate_up_proj.transpose(1, 2), offs=offsets)  # (N*k, C) -> (N*k, 2I)
+        if self.gate_up_proj_bias is not None:
+            gate_up = gate_up + self.gate_up_proj_bias[expert_of_slot]  # (N*k, 2I): each slot its expert's bias
+        out = torch._grouped_mm(self.swiglu(gate_up), self.down_proj.transpose(1, 2), offs=offsets)  # (N*k, I) -> (N*k, C)
+        if self.down_proj_bias is not None:
+            out = out + self.down_proj_bias[expert_of_slot]
+        return out
+
+    def sorted_runs(self, grouped: torch.Tensor, counts: torch.Tensor, expert_of_slot: torch.Tensor) -> torch.Tensor:
+        """One matmul per projection and expert, over that expert's run; experts with no tokens are skipped."""
+        outputs = []
+        for e, run in enumerate(grouped.split(counts.tolist())):  # run: (n_e, C)
+            if run.shape[0] == 0:
+                continue
+            gate_up_bias = None if self.gate_up_proj_bias is None else self.gate_up_proj_bias[e]
+            down_bias = None if self.down_proj_bias is None else self.down_proj_bias[e]
+            hidden = self.swiglu(F.linear(run, self.gate_up_proj[e], gate_up_bias))  # (n_e, C) -> (n_e, 2I) -> (n_e, I)
+            outputs.append(F.linear(hidden, self.down_proj[e], down_bias))  # (n_e, C)
+        return torch.cat(outputs)  # (N*k, C)
+
+    def extra_repr(self) -> str:
+        E, two_i, C = self.gate_up_proj.shape
+        return f"num_experts={E}, hidden_size={C}, intermediate_size={two_i // 2}, dispatch={self.dispatch}"
+
+
 # Copied from hf_models.modeling_moe.SparseMoeBlock
 class SparseMoeBlock(nn.Module):
-    """A top-k routed mixture of SwiGLU experts, dropless, dispatched by sorting tokens by expert.
+    """A top-k routed mixture of SwiGLU experts (:class:`MoEExperts`): Mixtral's ``MixtralSparseMoeBlock``.
 
     In place of a dense FFN: (B, T, C) -> (B, T, C), returned with the router logits (B*T, E) that the
     model's balancing losses and the expert-load monitor (``hf_models.evaluation.expert_load``) read.
@@ -667,50 +806,14 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, bias: bool = False) -> None:
         super().__init__()
         self.router = TopKRouter(hidden_size, num_experts, top_k)
-        self.experts = nn.ModuleList(SwiGLU(hidden_size, intermediate_size, bias=bias) for _ in range(num_experts))
+        self.experts = MoEExperts(hidden_size, intermediate_size, num_experts, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])  # (B, T, C) -> (N, C)
         logits, weights, experts = self.router(tokens)  # (N, E), (N, k), (N, k)
-        if (shape[1] == 1 and not self.training) or is_tracing():
-            # Decode steps, and torch.compile/export, which cannot trace the host-read split of grouped dispatch.
-            combined = self.dense_decode(tokens, weights, experts)
-        else:
-            combined = self.grouped_dispatch(tokens, weights, experts)
+        combined = self.experts(tokens, weights, experts)  # (N, C)
         return combined.reshape(shape), logits
-
-    def grouped_dispatch(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Sort the (token, expert) slots by expert, run each expert once over its contiguous run, scatter back.
-
-        ``counts.tolist()`` (to split the batch) is one host read per layer: free on a CPU, a
-        device sync on a GPU, which grouped-GEMM kernels avoid by taking the offsets on device.
-        """
-        top_k = experts.shape[-1]
-        flat_experts = experts.reshape(-1)  # (N*k,), slot s belongs to token s // k
-        order = flat_experts.argsort(stable=True)  # (N*k,)
-        token_of_slot = order // top_k  # (N*k,) the token of each sorted slot
-        counts = torch.bincount(flat_experts, minlength=self.router.num_experts)  # (E,)
-        grouped = tokens[token_of_slot]  # (N*k, C): expert 0's tokens, then expert 1's, ...
-        outputs = [self.experts[e](run) for e, run in enumerate(grouped.split(counts.tolist())) if run.shape[0]]
-        expert_out = torch.cat(outputs)  # (N*k, C), still in sorted order
-        expert_out = expert_out * weights.reshape(-1)[order, None].to(expert_out.dtype)
-        combined = torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out.to(tokens.dtype))  # (N, C)
-        return combined
-
-    def dense_decode(self, tokens: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """A decode step (one new token per sequence): every expert on the few tokens, weights zero off the top k.
-
-        Decoding is memory-bound: once ``B * k >= E`` every expert's weights are read anyway, so
-        computing all of them costs about the same time, and nothing is read back to the host, so
-        generation makes no device sync per token (servers such as vLLM use a fused MoE kernel
-        that takes the routing on device instead).
-        """
-        num_experts = self.router.num_experts
-        dense_weights = torch.zeros(tokens.shape[0], num_experts, device=tokens.device).scatter(1, experts, weights)  # (N, E)
-        outputs = torch.stack([expert(tokens) for expert in self.experts], dim=1)  # (N, E, C)
-        combined = (outputs * dense_weights[..., None].to(outputs.dtype)).sum(dim=1)  # (N, C)
-        return combined.to(tokens.dtype)
 
 
 # Copied from hf_models.modeling_moe._padding_weights
@@ -844,6 +947,12 @@ class ConfigurableDecoderPreTrainedModel(ZooPreTrainedModel):
         """Learned positions end at the table's length; rotary and no positions (NoPE) run past it."""
         return self.config.max_position_embeddings if self.config.positions == "learned" else None
 
+    # Copied from hf_models.modeling_moe.MoEDecoderPreTrainedModel.save_pretrained
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Always the fused layout: transformers would otherwise revert the legacy-layout converter on save.
+        kwargs.setdefault("save_original_format", False)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         residual = isinstance(module, nn.Linear) and getattr(module, "is_residual_projection", False)
         if residual and self.config.scale_residual_init:
@@ -859,6 +968,13 @@ class ConfigurableDecoderPreTrainedModel(ZooPreTrainedModel):
             init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
         elif isinstance(module, TopKRouter):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, MoEExperts):
+            # 3-D parameters the generic nn.Linear init does not see: LLaMA's normal init, zero biases.
+            init.normal_(module.gate_up_proj, mean=0.0, std=self.config.initializer_range)
+            init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)
+            for bias in (module.gate_up_proj_bias, module.down_proj_bias):
+                if bias is not None:
+                    init.zeros_(bias)
 
     # Copied from hf_models.modeling_gpt.GPTPreTrainedModel.new_cache
     def new_cache(self, static: bool | None = None, max_cache_len: int | None = None) -> Cache:
@@ -1021,7 +1137,8 @@ class ConfigurableDecoderForCausalLM(ConfigurableDecoderPreTrainedModel, Generat
         c = self.config
         if c.feed_forward != "moe":
             return self.num_parameters()
-        per_expert = sum(p.numel() for p in self.model.layers[0].mlp.experts[0].parameters())
+        experts = self.model.layers[0].mlp.experts
+        per_expert = sum(p.numel() for p in experts.parameters()) // experts.num_experts
         return self.num_parameters() - c.num_hidden_layers * (c.num_local_experts - c.num_experts_per_tok) * per_expert
 
 

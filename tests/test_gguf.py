@@ -56,9 +56,9 @@ def expected_tensors(model) -> dict[str, np.ndarray]:
         out[b + "attn_output.weight"] = state[p + "self_attn.o_proj.weight"]
         if config.model_type == "zoo_moe":
             out[b + "ffn_gate_inp.weight"] = state[p + "mlp.router.weight"] if p + "mlp.router.weight" in state else state[p + "mlp.gate.weight"]
-            for name in ("gate", "up", "down"):
-                out[b + f"ffn_{name}_exps.weight"] = np.stack(
-                    [state[p + f"mlp.experts.{e}.{name}_proj.weight"] for e in range(config.num_local_experts)])
+            gate_up = state[p + "mlp.experts.gate_up_proj"]  # (E, 2I, C), gate rows first
+            out[b + "ffn_gate_exps.weight"], out[b + "ffn_up_exps.weight"] = np.split(gate_up, 2, axis=1)
+            out[b + "ffn_down_exps.weight"] = state[p + "mlp.experts.down_proj"]
         else:
             for name in ("gate", "up", "down"):
                 out[b + f"ffn_{name}.weight"] = state[p + f"mlp.{name}_proj.weight"]

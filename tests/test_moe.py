@@ -10,18 +10,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Trainer, TrainingArguments, default_data_collator
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
 
 from hf_models import MoEDecoderConfig, MoEDecoderForCausalLM
 from hf_models.conversion import SERVING_CONVERTERS, export_for_serving, mixtral_to_moe, moe_to_mixtral
-from hf_models.conversion.mixtral import mixtral_to_moe_state_dict, moe_to_mixtral_state_dict
-from hf_models.modeling_moe import SparseMoeBlock, TopKRouter, load_balancing_loss, router_z_loss
+from hf_models.conversion.mixtral import mixtral_to_moe_state_dict
+from hf_models.modeling_moe import MoEExperts, SparseMoeBlock, TopKRouter, load_balancing_loss, router_z_loss
 from hf_models.tokenization import build_char_tokenizer
 from hf_models.evaluation.expert_load import ExpertLoad, ExpertLoadCallback, imbalance
 
@@ -57,10 +60,12 @@ def block_pair(seed: int = 0) -> tuple[SparseMoeBlock, MixtralSparseMoeBlock]:
     return ours, reference
 
 
-@pytest.mark.parametrize("length", [9, 1], ids=["grouped", "decode"])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted_runs"])
+@pytest.mark.parametrize("length", [9, 1], ids=["prefill", "decode"])
 @pytest.mark.parametrize("training", [False, True])
-def test_block_equals_mixtral_sparse_moe_block(length, training):
+def test_block_equals_mixtral_sparse_moe_block(length, training, dispatch):
     ours, reference = block_pair()
+    ours.experts.dispatch = dispatch
     ours.train(training), reference.train(training)
     x = torch.randn(3, length, HIDDEN, generator=torch.Generator().manual_seed(1))
     x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -69,28 +74,83 @@ def test_block_equals_mixtral_sparse_moe_block(length, training):
     expected_logits, _, chosen = reference.gate(x.reshape(-1, HIDDEN))
     torch.testing.assert_close(router_logits, expected_logits, **TOLERANCE)
     assert torch.equal(router_logits.topk(TOP_K, dim=-1).indices.sort(-1).values, chosen.sort(-1).values)
-    # Gradients too: the router's (through the top-k weights) and the experts', fused back into Mixtral's layout.
+    # Gradients too: the router's (through the top-k weights) and the experts', in Mixtral's own layout.
     (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
     (expected * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
     torch.testing.assert_close(x_ours.grad, x_ref.grad, **TOLERANCE)
     torch.testing.assert_close(ours.router.weight.grad, reference.gate.weight.grad, **TOLERANCE)
-    grads = {f"l.mlp.{n}": (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in ours.named_parameters()}
-    fused = moe_to_mixtral_state_dict(grads, EXPERTS)
-    torch.testing.assert_close(fused["l.mlp.experts.gate_up_proj"], reference.experts.gate_up_proj.grad, **TOLERANCE)
-    torch.testing.assert_close(fused["l.mlp.experts.down_proj"], reference.experts.down_proj.grad, **TOLERANCE)
+    torch.testing.assert_close(ours.experts.gate_up_proj.grad, reference.experts.gate_up_proj.grad, **TOLERANCE)
+    torch.testing.assert_close(ours.experts.down_proj.grad, reference.experts.down_proj.grad, **TOLERANCE)
 
 
-def test_grouped_dispatch_and_decode_path_equal_a_naive_per_token_loop():
-    block, _ = block_pair(seed=3)
+def expert_by_hand(experts: MoEExperts, e: int, token: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Expert ``e`` on one token, from its slices of the fused tensors: ``down @ (silu(gate @ x) * (up @ x))``."""
+    inter = experts.intermediate_size
+    gate, up = experts.gate_up_proj[e, :inter] @ token, experts.gate_up_proj[e, inter:] @ token
+    if bias:
+        gate, up = gate + experts.gate_up_proj_bias[e, :inter], up + experts.gate_up_proj_bias[e, inter:]
+    out = experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up)
+    return out + experts.down_proj_bias[e] if bias else out
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted_runs"])
+def test_both_dispatches_equal_a_naive_per_token_loop(dispatch, bias):
+    torch.manual_seed(3)
+    block = SparseMoeBlock(HIDDEN, INTER, EXPERTS, TOP_K, bias=bias)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    block.experts.dispatch = dispatch
     tokens = torch.randn(17, HIDDEN, generator=torch.Generator().manual_seed(2))
     _, weights, experts = block.router(tokens)
     naive = torch.stack([
-        sum(weights[t, j] * block.experts[int(experts[t, j])](tokens[t]) for j in range(TOP_K)) for t in range(tokens.shape[0])
+        sum(weights[t, j] * expert_by_hand(block.experts, int(experts[t, j]), tokens[t], bias) for j in range(TOP_K))
+        for t in range(tokens.shape[0])
     ])
-    grouped = block.grouped_dispatch(tokens, weights, experts)
-    dense = block.dense_decode(tokens, weights, experts)
-    torch.testing.assert_close(grouped, naive, **TOLERANCE)
-    torch.testing.assert_close(dense, naive, **TOLERANCE)
+    torch.testing.assert_close(block.experts(tokens, weights, experts), naive, **TOLERANCE)
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted_runs"])
+def test_a_decode_step_reads_only_the_chosen_experts(dispatch):
+    """One token, k = 2 of 4: the weights of the two experts it is not routed to get no gradient, and NaN there changes nothing."""
+    block, _ = block_pair(seed=4)
+    block.eval()
+    block.experts.dispatch = dispatch
+    token = torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(5))
+    chosen = set(block.router(token.reshape(1, HIDDEN))[2].reshape(-1).tolist())
+    unused = sorted(set(range(EXPERTS)) - chosen)
+    before, _ = block(token)
+    with torch.no_grad():
+        block.experts.gate_up_proj[unused] = float("nan")
+        block.experts.down_proj[unused] = float("nan")
+    after, _ = block(token)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    after.sum().backward()
+    assert block.experts.gate_up_proj.grad[unused].abs().sum() == 0
+    assert block.experts.gate_up_proj.grad[sorted(chosen)].abs().sum() > 0
+
+
+def test_a_folder_saved_with_one_linear_per_expert_loads_into_the_fused_layout():
+    """``tests/fixtures/moe_per_expert_folder`` was saved by the zoo before the experts were fused
+    (``experts.<e>.{gate,up,down}_proj.weight``), with its logits; it loads, through both entry points, to the same logits."""
+    folder = Path(__file__).parent / "fixtures" / "moe_per_expert_folder"
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert "model.layers.0.mlp.experts.3.gate_proj.weight" in f.keys()
+    expected = json.loads((folder / "expected_logits.json").read_text())
+    for cls in (MoEDecoderForCausalLM, AutoModelForCausalLM):
+        model = cls.from_pretrained(folder).eval()
+        assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 2 * 24, 16)
+        with torch.no_grad():
+            logits = model(torch.tensor(expected["input_ids"])).logits
+        torch.testing.assert_close(logits, torch.tensor(expected["logits"]), **TOLERANCE)
+
+
+def test_a_saved_folder_keeps_the_fused_layout(tmp_path):
+    tiny_moe().save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names and not any(".experts.0." in n for n in names)
 
 
 def test_router_keeps_the_top_k_with_renormalised_weights():

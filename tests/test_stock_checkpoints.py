@@ -195,8 +195,9 @@ def test_the_tokenizer_is_the_checkpoints_own(tmp_path):
 
 @pytest.mark.parametrize("model_type", ["gpt2", "mixtral"])
 def test_peft_all_linear_lora_with_dropout_trains_the_loaded_model(model_type, tmp_path):
-    """What failed on transformers' own classes: GPT-2's Conv1D matched no nn.Linear, and Mixtral's fused 3-D experts
-    needed peft's ParamWrapper, which refuses lora_dropout. The zoo classes hold plain nn.Linear layers."""
+    """What failed on transformers' own classes: GPT-2's Conv1D matched no nn.Linear. Mixtral's fused 3-D experts (the
+    zoo MoE's too) are no nn.Linear: "all-linear" adapts attention, and the experts take LoRA through
+    ``target_parameters`` (peft's ParamWrapper), which refuses lora_dropout, so only with lora_dropout=0."""
     from peft import LoraConfig, get_peft_model
 
     save_stock_twin(model_type, tmp_path)
@@ -204,7 +205,16 @@ def test_peft_all_linear_lora_with_dropout_trains_the_loaded_model(model_type, t
     adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear"))
     targets = {name.rsplit(".", 1)[-1] for name, module in adapted.named_modules() if hasattr(module, "lora_A")}
     assert targets == ({"qkv_proj", "o_proj", "up_proj", "down_proj"} if model_type == "gpt2"
-                       else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+                       else {"q_proj", "k_proj", "v_proj", "o_proj"})
     x = torch.tensor([tokenizer(TINY_TEXT)["input_ids"]])
     adapted.train()(input_ids=x, labels=x).loss.backward()
     assert all(p.grad is not None for n, p in adapted.named_parameters() if p.requires_grad and "lora_B" in n)
+    if model_type == "mixtral":
+        model, _ = load_stock_checkpoint(tmp_path)
+        experts = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"],
+                             target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+        adapted = get_peft_model(model, experts)
+        adapted.train()(input_ids=x, labels=x).loss.backward()
+        expert_factors = [n for n, p in adapted.named_parameters() if "lora_B" in n and "experts" in n]
+        assert len(expert_factors) == 2 * model.config.num_hidden_layers
+        assert all(p.grad is not None for n, p in adapted.named_parameters() if n in expert_factors)

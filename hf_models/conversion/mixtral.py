@@ -15,14 +15,9 @@ zoo (one ``nn.Linear`` per expert matrix)    transformers 5 Mixtral (experts fus
 The balancing loss is Mixtral's in both, except for a zoo model with ``router_aux_loss_per_layer``
 (Switch's per-layer form), which Mixtral has no field for: its conversion computes the same
 logits, and Mixtral's own (all layers counted together) balancing loss if trained further.
-
-transformers fuses the experts so that a grouped-GEMM kernel can take all of them in one call; the
-zoo keeps them apart so peft and bitsandbytes see ordinary ``nn.Linear`` layers (``moe.py``).
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
@@ -37,43 +32,16 @@ SHARED_FIELDS = (
     "num_local_experts", "num_experts_per_tok", "output_router_logits", "router_aux_loss_coef",
     "bos_token_id", "eos_token_id", "pad_token_id",
 )
-_ZOO_EXPERT = re.compile(r"(.*\.mlp\.)experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
 
-def moe_to_mixtral_state_dict(state: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
-    """The zoo's weights renamed and stacked into Mixtral's fused layout (see the module docstring)."""
-    out, experts = {}, {}
-    for key, tensor in state.items():
-        match = _ZOO_EXPERT.fullmatch(key)
-        if match:
-            prefix, e, name = match.groups()
-            experts.setdefault(prefix, {}).setdefault(name, [None] * num_experts)[int(e)] = tensor
-        else:
-            out[key.replace(".mlp.router.weight", ".mlp.gate.weight")] = tensor
-    for prefix, mats in experts.items():
-        gate_up = [torch.cat([g, u]) for g, u in zip(mats["gate_proj"], mats["up_proj"])]  # E x (2I, C)
-        out[prefix + "experts.gate_up_proj"] = torch.stack(gate_up)  # (E, 2I, C)
-        out[prefix + "experts.down_proj"] = torch.stack(mats["down_proj"])  # (E, C, I)
-    return out
+def moe_to_mixtral_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The zoo's weights with Mixtral's names: the experts share Mixtral's fused layout, only the router is renamed."""
+    return {key.replace(".mlp.router.weight", ".mlp.gate.weight"): tensor for key, tensor in state.items()}
 
 
 def mixtral_to_moe_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Mixtral's weights split back into one matrix per expert and projection, with the zoo's names."""
-    out = {}
-    for key, tensor in state.items():
-        if key.endswith(".mlp.experts.gate_up_proj"):
-            prefix = key[: -len("gate_up_proj")]
-            for e, fused in enumerate(tensor):  # (2I, C) per expert
-                gate, up = fused.chunk(2, dim=0)  # (I, C) each, gate first as in MixtralExperts.forward
-                out[f"{prefix}{e}.gate_proj.weight"] = gate
-                out[f"{prefix}{e}.up_proj.weight"] = up
-        elif key.endswith(".mlp.experts.down_proj"):
-            prefix = key[: -len("down_proj")]
-            for e, down in enumerate(tensor):  # (C, I) per expert
-                out[f"{prefix}{e}.down_proj.weight"] = down
-        else:
-            out[key.replace(".mlp.gate.weight", ".mlp.router.weight")] = tensor
-    return out
+    """Mixtral's weights with the zoo's names (the inverse rename of :func:`moe_to_mixtral_state_dict`)."""
+    return {key.replace(".mlp.gate.weight", ".mlp.router.weight"): tensor for key, tensor in state.items()}
 
 
 def _load(target: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -104,7 +72,7 @@ def moe_to_mixtral(model: MoEDecoderForCausalLM) -> MixtralForCausalLM:
     )
     target = MixtralForCausalLM(config).to(model.dtype).eval()
     target.config._attn_implementation = c._attn_implementation
-    _load(target, moe_to_mixtral_state_dict(model.state_dict(), c.num_local_experts))
+    _load(target, moe_to_mixtral_state_dict(model.state_dict()))
     return target
 
 
