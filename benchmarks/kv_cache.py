@@ -1,7 +1,7 @@
-"""Benchmark: the five ways of lesson 6 to generate, timed step by step, at two model sizes and two batches.
+"""Benchmark: the six ways of lesson 6 to generate, timed step by step, at two model sizes and two batches.
 
 Lesson 6 (``recipes/06_kv_cache.py``) shows that no cache, the hand-written ``GrowingKVCache`` and
-``StaticKVCache``, and transformers' ``DynamicCache`` and ``StaticCache`` generate the same tokens,
+``StaticKVCache`` (eager, and with the decoding step compiled), and transformers' ``DynamicCache`` and ``StaticCache`` generate the same tokens,
 and times whole ``generate()`` calls once. This script is the harness behind the lesson's claims:
 
 * Greedy generation from a 32-token prompt to 512 tokens, at batch 1 and 8, for (a) lesson 5's
@@ -10,7 +10,7 @@ and times whole ``generate()`` calls once. This script is the harness behind the
   weights (nanoGPT's shakespeare-char GPU size; the weights do not change the timing).
 * The project's one step clock (``hf_models.benchmarking.StepClock``), passed to ``generate()`` as
   a stopping criterion, times every step, so one ``generate()`` call gives the whole
-  tokens/s-against-length curve, not only its total. The five variants, the lesson's model and its
+  tokens/s-against-length curve, not only its total. The six variants, the lesson's model and its
   prompts are lesson 6's harness, ``hf_models.benchmarking.generation``, which the lesson imports too.
 * The cached variants are timed by ``hf_models.benchmarking.time_interleaved``: rounds in rotating
   order, more rounds (up to 3x ``--rounds``) until each has run ``--min_seconds``, medians, and
@@ -56,7 +56,7 @@ from transformers import HfArgumentParser
 
 from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
 from hf_models.benchmarking import InterleavedTimings, describe_machine, time_interleaved, use_passive_omp_wait
-# Lesson 6's harness: the five variants, the model and its prompts. The lesson shows them; this script measures them harder.
+# Lesson 6's harness: the six variants, the model and its prompts. The lesson shows them; this script measures them harder.
 from hf_models.benchmarking.generation import (
     CACHES, HAND_WRITTEN, LESSON5_FOLDER, clocked_generate, greedy, kv_cache_memory, lesson_model, prompts,
 )
@@ -65,7 +65,7 @@ from hf_models.recipe_support.validation import lesson5_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = 16  # plotted and "at end" speeds: median over this many consecutive steps (robust to a stalled step)
-CACHED = [name for name, make_cache in CACHES.items() if make_cache is not None]
+CACHED = [name for name in CACHES if name != "no cache"]
 
 
 @dataclass
@@ -173,7 +173,7 @@ def time_cell(model, prompt: torch.LongTensor, args: KVCacheBenchmarkArguments) 
         seconds["no cache"], same_tokens["no cache"] = sum(steps), all(match for _, match in sampled.values())
     else:  # the expensive one: once per cell, token by token
         record = []
-        once = time_interleaved({"no cache": lambda: record.append(clocked_generate(model, prompt, args.total_tokens, None))},
+        once = time_interleaved({"no cache": lambda: record.append(clocked_generate(model, prompt, args.total_tokens, CACHES["no cache"]))},
                                 rounds=1, warmup=0)
         (ids, steps), = record
         seconds["no cache"], same_tokens["no cache"] = once.median_seconds["no cache"], bool(torch.equal(ids, reference))
@@ -204,12 +204,12 @@ def time_cell(model, prompt: torch.LongTensor, args: KVCacheBenchmarkArguments) 
 
 def print_cell(title: str, cell: dict) -> None:
     print(f"\n{title}")
-    print(f"  {'cache':<16}{'rounds':>7}{'seconds':>10}{'tokens/s':>10}{'at end':>9}{'vs none':>9}  {'vs Dynamic (q1-q3)':<20}same tokens")
+    print(f"  {'cache':<24}{'rounds':>7}{'seconds':>10}{'tokens/s':>10}{'at end':>9}{'vs none':>9}  {'vs Dynamic (q1-q3)':<20}same tokens")
     for name, row in cell.items():
         versus = row.get("vs_dynamic_cache")
         versus = f"{versus['median']:.2f} ({versus['q1']:.2f}-{versus['q3']:.2f})" if versus else ""
         rounds = f"{row['rounds']}*" if "sampled_lengths" in row else str(row["rounds"])
-        print(f"  {name:<16}{rounds:>7}{row['seconds']:>10.2f}{row['tokens_per_second']:>10.1f}"
+        print(f"  {name:<24}{rounds:>7}{row['seconds']:>10.2f}{row['tokens_per_second']:>10.1f}"
               f"{row['tokens_per_second_at_end']:>9.1f}{row['vs_no_cache']:>8.1f}x  {versus:<20}{'yes' if row['same_tokens'] else 'NO'}")
 
 

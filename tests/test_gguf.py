@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -14,6 +19,8 @@ import torch
 from hf_models.conversion.gguf import PRE_TOKENIZER, export_gguf, main, rotary_rows_to_pairs
 from hf_models.tokenization import ByteLevelBPE
 from tests.helpers import TINY_TEXT, build_tiny_model, save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +175,55 @@ def test_command_line_errors_are_named(bpe_tokenizer, tmp_path, capsys):
     assert existing.read_bytes() == b"keep me" and not (tmp_path / "gpt.gguf").exists()
     main([str(folder), "-o", str(existing), "--overwrite"])  # the flag replaces it
     assert read(existing)[0]["general.file_type"] == int(gguf.LlamaFileType.ALL_F32)
+
+
+# ----------------------------------------------------------------------------- benchmarks/gguf_llama_cpp.py
+
+
+def load_llama_cpp_benchmark():
+    spec = importlib.util.spec_from_file_location("gguf_llama_cpp_benchmark", REPO / "benchmarks" / "gguf_llama_cpp.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def crashing_worker(connection, *args) -> None:
+    """Stands in for llama.cpp dying inside its C code, as llama-cpp-python 0.3.36 did on Q8_0 files."""
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_a_crash_inside_llama_cpp_ends_its_child_not_the_benchmark():
+    child = load_llama_cpp_benchmark().LlamaCppChild(Path("unused.gguf"), 1, [[1, 2]], 4, worker=crashing_worker)
+    assert child.crash == f"llama.cpp crashed (signal {int(signal.SIGSEGV)})"
+    assert child.check is None and child.decode() is None  # the row is reported, the timing loop goes on
+    child.close()
+
+
+def test_the_llama_cpp_benchmark_decodes_the_same_tokens_eager_and_compiled(bpe_tokenizer, tmp_path):
+    """Zoo and LlamaForCausalLM, eager and compiled, in one interleaved run: the same greedy tokens, a
+    ratio per row, the targets judged; without llama-cpp-python its rows say how to install it."""
+    save_tiny_model("zoo_modern", bpe_tokenizer, tmp_path / "model", initializer_range=0.3)
+    command = [sys.executable, str(REPO / "benchmarks" / "gguf_llama_cpp.py"), "--model", str(tmp_path / "model"),
+               "--rounds", "1", "--new_tokens", "5", "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    results = json.loads((tmp_path / "out" / "gguf_llama_cpp.json").read_text())
+    rows = results["rows"]
+    torch_rows = ["zoo eager", "zoo compiled", "LlamaForCausalLM eager", "LlamaForCausalLM compiled"]
+    assert set(torch_rows) <= set(rows)
+    tokens = 4 * 5
+    for name in torch_rows:
+        assert rows[name]["greedy_tokens_equal"] == f"{tokens}/{tokens}", name
+        assert rows[name]["tokens_per_second"] > 0
+    assert rows["zoo compiled"]["vs_twin_same_mode"]["median"] > 0
+    assert [target["what"] for target in results["targets"]][-2:] == [
+        "zoo eager vs LlamaForCausalLM eager", "zoo compiled vs LlamaForCausalLM compiled"]
+    if importlib.util.find_spec("llama_cpp") is None:
+        for name in ("llama.cpp f32", "llama.cpp q8_0"):
+            assert "pip install llama-cpp-python" in results["not_measured"][name]
+            assert "pip install llama-cpp-python" in result.stdout
+    else:  # measured, or its crash named in its row
+        for name in ("llama.cpp f32", "llama.cpp q8_0"):
+            assert name in rows or "llama.cpp" in results["not_measured"][name]
+        if "llama.cpp f32" in rows:
+            assert rows["llama.cpp f32"]["same_ids"] and rows["llama.cpp f32"]["max_abs_logit_difference"] < 1e-3

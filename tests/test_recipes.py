@@ -123,7 +123,7 @@ def test_recipes_print_help():
 
 
 def test_kv_cache_lesson_times_every_cache_on_a_saved_model(tmp_path):
-    """Lesson 6 loads lesson 5's folder; all five ways to generate give the same tokens and are timed."""
+    """Lesson 6 loads lesson 5's folder; all six ways to generate, the compiled one included, give the same tokens and are timed."""
     from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
 
     config = ModernDecoderConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -137,11 +137,11 @@ def test_kv_cache_lesson_times_every_cache_on_a_saved_model(tmp_path):
 
     results = json.loads((output_dir / "results.json").read_text())
     rows = results["results"]
-    assert set(rows) == {"no cache", "GrowingKVCache", "StaticKVCache", "DynamicCache", "StaticCache"}
+    assert set(rows) == {"no cache", "GrowingKVCache", "StaticKVCache", "DynamicCache", "StaticCache", "StaticKVCache, compiled"}
     for name, row in rows.items():
         assert row["same_tokens"], f"{name} generated different tokens than generation without a cache"
         assert row["tokens_per_second"] > 0
-    assert "speedup_vs_dynamic_cache" in rows["GrowingKVCache"]
+    assert "speedup_vs_dynamic_cache" in rows["GrowingKVCache"] and "speedup_vs_dynamic_cache" in rows["StaticKVCache, compiled"]
     assert results["timings"]["rounds"] == 2 and all(len(s) == 2 for s in results["timings"]["seconds"].values())
     assert results["machine"]["torch_threads"] == 1
     assert results["kv_cache_memory"]["bytes_per_token"] == 2 * 2 * 2 * 8 * 4  # k and v x layers x kv heads x head_dim x fp32

@@ -1,7 +1,7 @@
-"""Lesson 6's generation-timing harness: the five ways to generate, the model and prompts they run on,
+"""Lesson 6's generation-timing harness: the six ways to generate, the model and prompts they run on,
 and what a KV cache costs in memory.
 
-``recipes/06_kv_cache.py`` (the lesson: same tokens five ways, one timing table) and
+``recipes/06_kv_cache.py`` (the lesson: same tokens six ways, one timing table) and
 ``benchmarks/kv_cache.py`` (the full harness: per-step clocks over long sequences, a larger model,
 several batch sizes, the targets) both import it from here, so the lesson's claims and the
 benchmark's numbers come from the same code.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache, StoppingCriteriaList
+from transformers import AutoConfig, AutoModelForCausalLM, CompileConfig, DynamicCache, StaticCache, StoppingCriteriaList
 
 from ..causal_lm import CACHE_FIELD
 from ..configuration_modern import ModernDecoderConfig
@@ -32,41 +32,54 @@ PROMPT_TEXT = (
 LESSON5_FOLDER = "runs/05_modern_gpt/modern-gpt-shakespeare"
 LESSON5_SIZE = dict(vocab_size=2048, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, hidden_size=192)
 
-# ----------------------------------------------------------------------------- the five ways to generate
+# ----------------------------------------------------------------------------- the six ways to generate
 
-# name -> make_cache(model, max_cache_len): the `past_key_values` generate() gets, a fresh one per
-# call. `None` means no cache at all (use_cache=False): every step re-reads the whole sequence.
-CACHES: dict[str, Callable | None] = {
-    "no cache": None,
-    "GrowingKVCache": lambda model, max_len: GrowingKVCache(num_layers=model.config.num_hidden_layers),  # generate()'s default
-    "StaticKVCache": lambda model, max_len: StaticKVCache(max_cache_len=max_len, num_layers=model.config.num_hidden_layers),
-    "DynamicCache": lambda model, max_len: DynamicCache(config=model.config),
-    "StaticCache": lambda model, max_len: StaticCache(config=model.config, max_cache_len=max_len),
+
+def compile_config() -> CompileConfig:
+    """transformers' ``CompileConfig`` for ``generate(..., cache_implementation="static", compile_config=...)``.
+
+    ``generate`` then runs the prompt eagerly and every decoding step through one compiled forward
+    (``model.get_compiled_call``): with a static cache the step has the same shapes at every token,
+    so it is traced once (``fullgraph``: no graph break, ``dynamic=False``: shapes baked in) and
+    replayed. transformers compiles on its own only on accelerators; ``_compile_all_devices`` is its
+    switch to compile on a CPU too (the flag its own tests use).
+    """
+    config = CompileConfig(fullgraph=True, dynamic=False)
+    config._compile_all_devices = True
+    return config
+
+
+# name -> make_kwargs(model, max_cache_len): the generate() arguments of one variant, with a fresh cache
+# per call. "no cache" turns the cache off (use_cache=False): every step re-reads the whole sequence.
+# The compiled variant is lesson 6's StaticKVCache again, chosen the way transformers users choose its
+# StaticCache (cache_implementation="static", sized prompt + max_new_tokens), with the forward compiled.
+CACHES: dict[str, Callable[..., dict]] = {
+    "no cache": lambda model, max_len: dict(use_cache=False),
+    "GrowingKVCache": lambda model, max_len: {CACHE_FIELD: GrowingKVCache(num_layers=model.config.num_hidden_layers)},  # generate()'s default
+    "StaticKVCache": lambda model, max_len: {CACHE_FIELD: StaticKVCache(max_cache_len=max_len, num_layers=model.config.num_hidden_layers)},
+    "DynamicCache": lambda model, max_len: {CACHE_FIELD: DynamicCache(config=model.config)},
+    "StaticCache": lambda model, max_len: {CACHE_FIELD: StaticCache(config=model.config, max_cache_len=max_len)},
+    "StaticKVCache, compiled": lambda model, max_len: dict(cache_implementation="static", compile_config=compile_config()),
 }
-HAND_WRITTEN = ("GrowingKVCache", "StaticKVCache")
+HAND_WRITTEN = ("GrowingKVCache", "StaticKVCache", "StaticKVCache, compiled")
 
 
-def cache_kwargs(model, make_cache: Callable | None, max_cache_len: int) -> dict:
-    """generate() arguments for one variant: a fresh cache, or no cache at all."""
-    return dict(use_cache=False) if make_cache is None else {CACHE_FIELD: make_cache(model, max_cache_len)}
-
-
-def greedy(model, prompt: torch.LongTensor, total_tokens: int, make_cache: Callable | None) -> torch.LongTensor:
-    """Greedy generation from ``prompt`` (B, P) to exactly (B, total_tokens) with one variant."""
+def greedy(model, prompt: torch.LongTensor, total_tokens: int, make_kwargs: Callable[..., dict]) -> torch.LongTensor:
+    """Greedy generation from ``prompt`` (B, P) to exactly (B, total_tokens) with one variant of :data:`CACHES`."""
     ids = model.generate(prompt, max_new_tokens=total_tokens - prompt.shape[1], do_sample=False,
-                         **cache_kwargs(model, make_cache, total_tokens))
+                         **make_kwargs(model, total_tokens))
     if ids.shape[1] != total_tokens:
         raise RuntimeError(f"generation stopped at {ids.shape[1]} tokens, expected {total_tokens} (an EOS?)")
     return ids
 
 
-def clocked_generate(model, prompt: torch.LongTensor, total_tokens: int, make_cache: Callable | None) -> tuple[torch.LongTensor, list[float]]:
+def clocked_generate(model, prompt: torch.LongTensor, total_tokens: int, make_kwargs: Callable[..., dict]) -> tuple[torch.LongTensor, list[float]]:
     """:func:`greedy`, with a :class:`StepClock` as stopping criterion: the ids and each step's seconds.
 
     generate() calls the clock once per new token, after appending it, so step ``i`` is the time
     to reach length ``prompt + 1 + i`` (the first step includes the prompt's forward).
     """
-    kwargs = cache_kwargs(model, make_cache, total_tokens)
+    kwargs = make_kwargs(model, total_tokens)
     clock = StepClock()
     clock.start()
     ids = model.generate(prompt, max_new_tokens=total_tokens - prompt.shape[1], do_sample=False,
@@ -140,7 +153,7 @@ __all__ = [
     "HAND_WRITTEN",
     "LESSON5_SIZE",
     "PROMPT_TEXT",
-    "cache_kwargs",
+    "compile_config",
     "clocked_generate",
     "greedy",
     "kv_cache_bytes",
