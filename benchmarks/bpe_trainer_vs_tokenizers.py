@@ -30,7 +30,7 @@ import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import HfArgumentParser
 
-from hf_models.benchmarking import describe_machine, time_interleaved
+from hf_models.benchmarking import prepare_benchmark, time_interleaved
 from hf_models.data import load_corpus
 from hf_models.files import write_json_atomically
 from hf_models.tokenization import ByteLevelBPE, pretokenize
@@ -45,6 +45,7 @@ class BPEBenchmarkArguments:
     min_frequency: int = field(default=2, metadata={"help": "Minimum pair count to merge."})
     rounds: int = field(default=3, metadata={"help": "Timed interleaved trainings of each side."})
     warmup: int = field(default=1, metadata={"help": "Untimed trainings of each side first."})
+    threads: int = field(default=0, metadata={"help": "Threads of tokenizers' Rust trainer (RAYON_NUM_THREADS; 0: every usable CPU)."})
     output: str | None = field(
         default=None, metadata={"help": "JSON path (default benchmarks/results/bpe_trainer_vs_tokenizers_v<vocab>.json)."}
     )
@@ -68,6 +69,7 @@ def train_tokenizers_bpe(texts: list[str], vocab_size: int, min_frequency: int) 
 
 def main() -> None:
     (args,) = HfArgumentParser(BPEBenchmarkArguments).parse_args_into_dataclasses()
+    machine = prepare_benchmark(args.threads, measure_peak=False)  # no matmuls here: no peak to probe
 
     corpus = load_corpus("shakespeare")
     train_texts, valid_texts = list(corpus["train"]["text"]), list(corpus["validation"]["text"])
@@ -136,7 +138,7 @@ def main() -> None:
         "shared_merges": len(ours_merges & theirs_merges),
         "same_merges_in_same_order": ours_merge_list == theirs_merge_list,
         "pretokenizer_probe_seconds": round(probe_s, 3),
-        "machine": describe_machine(measure_peak=False).to_dict(),  # no matmuls here: no peak to probe
+        "machine": machine.to_dict(),
         "rayon_threads": os.environ.get("RAYON_NUM_THREADS", "default"),
     }
 

@@ -86,11 +86,10 @@ from transformers import HfArgumentParser  # noqa: E402
 import hf_models  # noqa: E402
 from hf_models.benchmarking import (  # noqa: E402
     InterleavedTimings,
-    describe_machine,
     matmul_peak_flops,
+    prepare_benchmark,
     quartiles,
     time_interleaved,
-    use_passive_omp_wait,
 )
 from hf_models.conversion import gpt_to_gpt2, modern_to_llama  # noqa: E402
 from hf_models.files import write_json_atomically  # noqa: E402
@@ -121,6 +120,7 @@ SIZES = {
 
 @dataclass
 class DecodersBenchmarkArguments:
+    threads: int = field(default=0, metadata={"help": "CPU threads for both sides (0: every usable CPU)."})
     size: str = field(
         default="default",
         metadata={"help": "default: 6L/6H/384, context 256, batch 8; small (nanoGPT's CPU size): 4L/4H/128, context 64, batch 12.",
@@ -369,7 +369,8 @@ def main() -> None:
     (args,) = HfArgumentParser(DecodersBenchmarkArguments).parse_args_into_dataclasses()
     if min(args.rounds or 2, args.generation_rounds) < 2:
         raise SystemExit("--rounds and --generation_rounds must be at least 2 (the table reports quartiles)")
-    use_passive_omp_wait()
+    print("measuring the matmul peak ...", flush=True)
+    machine = prepare_benchmark(args.threads)  # passive OpenMP waits, pinned threads, the machine printed
     output_dir = Path(args.output_dir)
 
     size = SIZES[args.size]
@@ -391,10 +392,7 @@ def main() -> None:
     }
     # Peak probes: at start, and before every training cell; MFU divides by the best one, so a probe
     # that ran while another process held a core does not inflate MFU.
-    print("measuring the matmul peak ...", flush=True)
-    machine = describe_machine()
     result["machine"] = machine.to_dict()
-    print(f"machine: {machine.summary()}", flush=True)
     peak_probes = {"fp32": [machine.matmul_peak_gflops["fp32"] * 1e9], "bf16-autocast": [machine.matmul_peak_gflops["bf16"] * 1e9]}
     result["peak_flops_at_start"] = {precision: probes[0] for precision, probes in peak_probes.items()}
 

@@ -40,7 +40,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 import hf_models  # noqa: F401  (registers the zoo's model types)
-from hf_models.benchmarking import describe_machine, skip_benchmark, time_interleaved, use_passive_omp_wait
+from hf_models.benchmarking import prepare_benchmark, skip_benchmark, time_interleaved
 from hf_models.benchmarking.generation import compile_config
 from hf_models.conversion import modern_to_llama, moe_to_mixtral
 from hf_models.conversion.gguf import export_gguf
@@ -61,7 +61,7 @@ class GGUFBenchmarkArguments:
         metadata={"help": "A saved zoo modern or MoE decoder folder, with its BPE tokenizer (lesson 5's by default)."},
     )
     new_tokens: int = field(default=64, metadata={"help": "Greedy tokens generated per prompt, by every contender."})
-    threads: int = field(default=1, metadata={"help": "CPU threads, for torch and for llama.cpp alike."})
+    threads: int = field(default=1, metadata={"help": "CPU threads, for torch and for llama.cpp alike (0: every usable CPU)."})
     rounds: int = field(default=8, metadata={"help": "Timed rounds; each runs every contender once on all prompts."})
     output_dir: str = field(default=str(REPO / "benchmarks" / "results"), metadata={"help": "Where gguf_llama_cpp.json goes."})
 
@@ -159,13 +159,12 @@ def torch_decoder(model, prompt_ids: list[list[int]], new_tokens: int, compiled:
 def main() -> None:
     parser = HfArgumentParser(GGUFBenchmarkArguments, description=__doc__.split("\n\n")[0])
     (args,) = parser.parse_args_into_dataclasses()
-    if args.threads < 1 or args.new_tokens < 1 or args.rounds < 1:
-        parser.error(f"--threads, --new_tokens and --rounds must be at least 1, got {args.threads}, {args.new_tokens}, {args.rounds}.")
+    if args.new_tokens < 1 or args.rounds < 1:
+        parser.error(f"--new_tokens and --rounds must be at least 1, got {args.new_tokens} and {args.rounds}.")
     if not Path(args.model, "config.json").exists():
         skip_benchmark(f"no model at {args.model} (run python recipes/05_modern_gpt.py first, or pass --model)")
-    if args.threads > 1:
-        use_passive_omp_wait()  # more than one OpenMP thread: waiting threads sleep (see hf_models.benchmarking)
-    torch.set_num_threads(args.threads)
+    machine = prepare_benchmark(args.threads)  # passive OpenMP waits, pinned threads, the machine printed
+    threads = torch.get_num_threads()  # llama.cpp gets the same count
     has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
 
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
@@ -174,14 +173,12 @@ def main() -> None:
     twin_name = type(twin).__name__
     for each in (model, twin):  # decode exactly new_tokens, never stopped by an EOS
         each.generation_config.eos_token_id = each.generation_config.pad_token_id = None
-    machine = describe_machine()
-    print(f"machine: {machine.summary()}")
     # One prompt length for all: a static cache is sized prompt + new tokens, so a compiled step has one shape.
     encoded = [tokenizer(prompt).input_ids for prompt in PROMPTS]
     length = min(map(len, encoded))
     prompt_ids = [ids[:length] for ids in encoded]
     print(f"{args.model}: {len(PROMPTS)} prompts of {length} tokens, {args.new_tokens} greedy tokens each, batch 1, "
-          f"{args.threads} thread(s), {args.rounds} interleaved rounds")
+          f"{threads} thread(s), {args.rounds} interleaved rounds")
 
     contenders = {
         "zoo eager": torch_decoder(model, prompt_ids, args.new_tokens, compiled=False),
@@ -201,7 +198,7 @@ def main() -> None:
                 status[name] = f"not installed: {INSTALL_HINT}"
                 continue
             path = export_gguf(model, tokenizer, Path(folder) / f"model-{file_type}.gguf", file_type=file_type)
-            child = children[name] = LlamaCppChild(path, args.threads, prompt_ids, args.new_tokens)
+            child = children[name] = LlamaCppChild(path, threads, prompt_ids, args.new_tokens)
             if child.crash:
                 status[name] = child.crash
                 continue

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from hf_models.benchmarking import describe_machine, skip_benchmark, time_interleaved, use_passive_omp_wait
+from hf_models.benchmarking import prepare_benchmark, skip_benchmark, time_interleaved
 from hf_models.files import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +59,7 @@ SKIP_FIRST_ITERS = 5
 
 @dataclass
 class NanoGPTComparisonArguments:
+    threads: int = field(default=0, metadata={"help": "CPU threads for both sides (0: every usable CPU)."})
     nanogpt_dir: str | None = field(
         default=os.environ.get("NANOGPT_DIR"),
         metadata={"help": "A karpathy/nanoGPT checkout or bare git directory (default: $NANOGPT_DIR)."},
@@ -248,13 +249,13 @@ def main() -> None:
     data_file = Path(args.data_file)
     if not data_file.exists():
         skip_benchmark(f"gpt_vs_nanogpt.py needs tiny-shakespeare's input.txt at {data_file} (--data_file)")
-    use_passive_omp_wait()  # both sides, and nanoGPT's train.py, which inherits the environment
+    # Passive OpenMP waits and pinned threads for both sides; nanoGPT's train.py inherits the environment.
+    machine = prepare_benchmark(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # the train.py processes: the same count
 
     from hf_models.evaluation import evaluate_token_stream
 
     train_ids, val_ids, vocab = char_data(data_file)
-    machine = describe_machine()
-    print(f"machine: {machine.summary()}")
     report: dict = {"benchmark": "gpt_vs_nanogpt", "config": CPU_CONFIG, "machine": machine.to_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_nanogpt(Path(args.nanogpt_dir), Path(tmp) / "nanogpt")

@@ -55,7 +55,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from transformers import HfArgumentParser
 
 from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM
-from hf_models.benchmarking import InterleavedTimings, describe_machine, time_interleaved, use_passive_omp_wait
+from hf_models.benchmarking import InterleavedTimings, prepare_benchmark, time_interleaved
 # Lesson 6's harness: the six variants, the model and its prompts. The lesson shows them; this script measures them harder.
 from hf_models.benchmarking.generation import (
     CACHES, HAND_WRITTEN, LESSON5_FOLDER, clocked_generate, greedy, kv_cache_memory, lesson_model, prompts,
@@ -87,7 +87,7 @@ class KVCacheBenchmarkArguments:
         default=16,
         metadata={"help": "Time no-cache steps at this many lengths and interpolate; 0: generate every token without cache."},
     )
-    threads: int = field(default=1, metadata={"help": "torch threads (0: torch's default); see recipes/06_kv_cache.py."})
+    threads: int = field(default=1, metadata={"help": "torch threads (0: every usable CPU); see recipes/06_kv_cache.py."})
     device: str = field(
         default="cpu",
         metadata={"help": "Where the models generate: cpu, or cuda (the GPU check, utils/gpu_check.py). generate() reads a "
@@ -278,14 +278,9 @@ def main() -> None:
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         raise SystemExit(f"--device {args.device}: allowed: cpu, or cuda where torch.cuda.is_available() (it is "
                          f"{torch.cuda.is_available()} here)")
-    if args.threads != 1:
-        use_passive_omp_wait()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    machine = prepare_benchmark(args.threads)  # passive OpenMP waits, pinned threads, the machine printed
     torch.set_grad_enabled(False)
     output_dir = Path(args.output_dir)
-    machine = describe_machine()
-    print(f"machine: {machine.summary()}")
     print(f"Greedy generation {args.prompt_tokens} -> {args.total_tokens} tokens at batch sizes {args.batch_sizes}. Per model "
           f"and batch: one untimed reference run, then the cached variants in interleaved rounds (at least {args.rounds}, "
           f"until each has run {args.min_seconds:g} s, up to {3 * args.rounds}; medians), and no cache once, "

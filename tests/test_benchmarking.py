@@ -180,6 +180,28 @@ def test_passive_omp_wait_restarts_once_and_respects_the_environment():
     assert chosen.stdout.split() == ["start", "ACTIVE"]
 
 
+
+@pytest.mark.parametrize("threads", [1, 0])
+def test_prepare_benchmark_pins_threads_and_prints_the_machine(threads):
+    """One start for every speed benchmark: passive OpenMP waits, torch's and tokenizers' pools pinned
+    to ``threads`` (0: every usable CPU), the machine printed before the table."""
+    code = ("import os, torch; from hf_models.benchmarking import prepare_benchmark; "
+            f"machine = prepare_benchmark({threads}, measure_peak=False); "
+            "print(torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'], os.environ['RAYON_NUM_THREADS'], machine.torch_threads)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "RAYON_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    machine_line, values = result.stdout.strip().splitlines()
+    expected = threads or len(os.sched_getaffinity(0))
+    assert machine_line.startswith("machine: ") and f"{expected} thread(s), OMP_WAIT_POLICY=PASSIVE" in machine_line
+    assert values.split() == [str(expected), "PASSIVE", str(expected), str(expected)]
+
+
+def test_prepare_benchmark_refuses_a_negative_thread_count():
+    with pytest.raises(SystemExit, match="--threads must be 0 .* got -2"):
+        machine.prepare_benchmark(-2)
+
+
 # ----------------------------------------------------------------------------- the step clock
 
 
@@ -232,6 +254,16 @@ def test_the_kv_cache_benchmark_shows_its_own_flags():
     for flag in ("--skip_large", "--batch_sizes", "--no_cache_samples", "--large_hidden_size", "--min_seconds"):
         assert flag in result.stdout, flag
     assert "--batch_size " not in result.stdout and "--warmup" not in result.stdout  # the recipe's own flags
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda path: path.name)
+def test_every_benchmark_pins_its_threads_and_prints_its_machine(script):
+    """Each script starts with ``prepare_benchmark(args.threads...)`` and takes ``--threads``: a ratio
+    is only comparable between runs that name their thread count, wait policy and machine."""
+    tree = ast.parse(script.read_text())
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "prepare_benchmark"]
+    assert len(calls) == 1 and ast.unparse(calls[0].args[0]) == "args.threads", script.name
+    assert "threads: int = field(" in script.read_text() or 'add_argument("--threads"' in script.read_text()
 
 
 @pytest.mark.parametrize("script", BENCHMARKS, ids=lambda path: path.name)

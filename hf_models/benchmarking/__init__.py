@@ -19,6 +19,8 @@ from .machine import (
     describe_machine,
     matmul_peak_flops,
     matmul_probe,
+    prepare_benchmark,
+    usable_cpus,
     use_passive_omp_wait,
 )
 from .skipping import SKIPPED_EXIT_CODE, skip_benchmark
@@ -36,9 +38,11 @@ __all__ = [
     "describe_machine",
     "matmul_peak_flops",
     "matmul_probe",
+    "prepare_benchmark",
     "quartiles",
     "rotated",
     "skip_benchmark",
     "time_interleaved",
+    "usable_cpus",
     "use_passive_omp_wait",
 ]

@@ -194,7 +194,7 @@ def describe_machine(measure_peak: bool = True) -> MachineDescription:
     description = MachineDescription(
         cpu=cpu,
         logical_cpus=os.cpu_count(),
-        usable_cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        usable_cpus=usable_cpus(),
         physical_cores=physical_cores,
         matmul_flags=[flag for flag in MATMUL_FLAGS if flag in flags],
         torch_threads=torch.get_num_threads(),
@@ -210,6 +210,31 @@ def describe_machine(measure_peak: bool = True) -> MachineDescription:
         description.matmul_peak_gflops = {name: flops / 1e9 for name, (flops, _) in probes.items()}
         description.matmul_probe_size = {name: size for name, (_, size) in probes.items()}
     return description
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; a container may allow fewer than ``os.cpu_count()``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def prepare_benchmark(threads: int, measure_peak: bool = True) -> MachineDescription:
+    """The start of every speed benchmark: sleeping OpenMP waits, pinned threads, the machine printed.
+
+    * :func:`use_passive_omp_wait` (may restart the script once, so call this before any work);
+    * ``threads`` (0: every usable CPU) pinned for torch's intra-op pool and for tokenizers' Rust pool
+      (``RAYON_NUM_THREADS``, read when that pool starts), so that both sides of a comparison run on
+      the same number of cores and a result names how many;
+    * :func:`describe_machine` printed as one line, the table's caption, and returned for the results file.
+    """
+    if threads < 0:
+        raise SystemExit(f"--threads must be 0 (every usable CPU) or a positive count, got {threads}.")
+    use_passive_omp_wait()
+    threads = threads or usable_cpus()
+    torch.set_num_threads(threads)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
+    machine = describe_machine(measure_peak=measure_peak)
+    print(f"machine: {machine.summary()}", flush=True)
+    return machine
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
