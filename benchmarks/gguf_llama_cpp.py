@@ -194,6 +194,7 @@ def main() -> None:
         zoo_logits = model(input_ids=torch.tensor([text_ids])).logits[0].float().numpy()  # (T, V)
         for file_type in LLAMA_CPP_FILES:
             name = f"llama.cpp {file_type}"
+            status[name] = ""
             if not has_llama_cpp:
                 status[name] = f"not installed: {INSTALL_HINT}"
                 continue
@@ -210,7 +211,7 @@ def main() -> None:
             contenders[name] = child.decode
 
         outputs = {name: [] for name in contenders}
-        timings = time_interleaved({name: (lambda name=name: outputs[name].append(decode())) for name, decode in contenders.items()},
+        timings = time_interleaved({name: (lambda name=name, decode=decode: outputs[name].append(decode())) for name, decode in contenders.items()},
                                    rounds=args.rounds, warmup=1)  # the warm-up call compiles the compiled contenders' step
     for name, child in children.items():
         if child.crash and not status[name]:

@@ -444,7 +444,7 @@ def plan(work: Path, out: Path, carry: Path, nanogpt_iters: int = NANOGPT_ITERS)
              [python, recipe_path("09_quantization"), "--model", lesson5, "--dataset", "text", "--data_files", text,
               "--output_dir", run_dir("09_quantization"), "--max_eval_tokens", "400", "--prompts", "2", "--prompt_tokens", "8",
               "--new_tokens", "4", "--rounds", "1", "--layer_width", "64"], LIMITS["recipe"], needs=["05_modern_gpt-bf16"]),
-        Step("kv_cache_benchmark", "kv_cache", "benchmarks/kv_cache.py on CUDA: five ways to generate, 32 -> 256 tokens",
+        Step("kv_cache_benchmark", "kv_cache", "benchmarks/kv_cache.py on CUDA: six ways to generate, 32 -> 256 tokens",
              [python, str(REPO / "benchmarks" / "kv_cache.py"), "--device", "cuda", "--total_tokens", "256", "--rounds", "2",
               "--min_seconds", "1", "--output_dir", str(out)], LIMITS["kv_cache_benchmark"], output=str(out / "kv_cache.json")),
         Step("nanogpt", "nanogpt", f"recipes/04_gpt.py vs nanoGPT's train.py, shakespeare-char GPU config, torch.compile, {nanogpt_iters} iterations",

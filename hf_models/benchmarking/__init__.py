@@ -6,7 +6,7 @@ be read, the same way. Inside one loop (training steps, generated tokens) the me
 :class:`StepClock` (``step_clock.py``): lesson 7's loop ticks it, ``Trainer`` through
 :class:`ThroughputCallback`, ``generate()`` as a stopping criterion.
 
-* ``generation.py``: lesson 6's generation-timing harness (the five ways to generate, the model,
+* ``generation.py``: lesson 6's generation-timing harness (the six ways to generate, the model,
   the prompts, the cache's memory), shared by ``recipes/06_kv_cache.py`` and ``benchmarks/kv_cache.py``;
 * ``memory.py``: what a training step holds in memory, measured (lesson 7, lesson 12).
 

@@ -334,7 +334,7 @@ def kv_cache_details(results: dict) -> list[str]:
              "| generation | tokens/s | speed-up over no cache | speed-up over `DynamicCache` | same tokens as no cache |",
              "|---|---:|---:|---:|:---:|"]
     for name, row in sorted(rows.items(), key=lambda item: item[0] != "no cache"):
-        label = name if name == "no cache" else f"`{name}`"
+        label = name if name == "no cache" else ", ".join([f"`{name.split(', ')[0]}`", *name.split(", ")[1:]])  # `StaticKVCache`, compiled
         lines.append(f"| {label} | {row['tokens_per_second']:,.0f} | {_band(row.get('speedup_vs_no_cache'))} | "
                      f"{_band(row.get('speedup_vs_dynamic_cache'))} | {'yes' if row.get('same_tokens') else 'no'} |")
     memory = results.get("kv_cache_memory")
