@@ -355,15 +355,14 @@ class ZooPreTrainedModel(PreTrainedModel):
 
         transformers would build its own 4-D mask here. The zoo's models build theirs from the 2-D
         (B, L) padding mask (``build_causal_mask``), so they get that one, right-padded with zeros to
-        the cache's key length (``max_cache_len``): then every decoding step passes a mask of *one*
-        shape, and a compiled forward is not re-traced as ``L`` grows by one per token. The padded
-        columns are slots not yet written; causality hides them whatever they say.
+        the cache's ``max_cache_len``: then every decoding step passes a mask of *one* shape, and a
+        compiled forward is not re-traced as ``L`` grows by one per token. The padded columns are
+        slots not yet written; causality hides them whatever they say (and an eager forward, which
+        attends over the filled prefix only, reads just the columns it needs).
         """
-        if attention_mask is None or attention_mask.dim() != 2 or cache is None:
+        key_length = getattr(cache, "max_cache_len", None)
+        if attention_mask is None or attention_mask.dim() != 2 or key_length is None:
             return attention_mask
-        query_length = inputs_embeds.shape[1] if inputs_embeds is not None else 1
-        key_length, _ = cache.get_mask_sizes(query_length, 0)
-        key_length = int(key_length)
         if attention_mask.shape[-1] < key_length:
             attention_mask = F.pad(attention_mask, (0, key_length - attention_mask.shape[-1]), value=0)  # (B, L) -> (B, S)
         return attention_mask

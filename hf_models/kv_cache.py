@@ -39,15 +39,18 @@ The growing cache keeps its length as a Python int and returns the filled prefix
 ``past + new``: a model masks it like ``DynamicCache`` (``get_mask_sizes`` reports ``past + new``),
 attention never touches unused slots, and the single-token decode step needs no mask at all.
 
-The static cache is built for ``torch.compile`` instead (transformers' ``StaticCache`` contract).
+The static cache is built for ``torch.compile`` as well (transformers' ``StaticCache`` contract).
 A compiled graph is specialised on every Python int it reads and on every tensor shape: a length
 kept as an int, or a prefix that grows by one each token, would make each token a new graph. So
 its fill level is a 0-d tensor advanced in place, writes go through ``index_copy_`` at positions
-computed on the device, and ``update`` returns the *whole* ``max_cache_len`` buffer, the same shape
-at every step. The cost is attention over the empty tail and an explicit mask (those slots sit after
-every query's position, so a causal mask hides them -- ``attention.build_causal_mask`` handles both);
-the gain is one graph for the whole decode: ``generate(..., cache_implementation="static",
-compile_config=CompileConfig(...))`` compiles the forward once and replays it for every token.
+computed on the device, and, while ``torch.compile`` traces it, ``update`` returns the *whole*
+``max_cache_len`` buffer, the same shape at every step. The cost is attention over the empty tail
+and an explicit mask (those slots sit after every query's position, so a causal mask hides them --
+``build_causal_mask`` handles both); the gain is one graph for the whole decode:
+``generate(..., cache_implementation="static", compile_config=CompileConfig(...))`` compiles the
+forward once and replays it for every token. Run eagerly, it returns the filled prefix like the
+growing cache (transformers' ``StaticCache`` attends over the empty tail in eager mode too, which
+costs it about 15% at 512 tokens here).
 
 How generate() uses a cache
 ---------------------------
@@ -241,15 +244,17 @@ class StaticKVLayer(KVBufferLayer):
       freely.
     * **Writes go through** ``index_copy_`` at the slots ``cumulative_length + arange(T)``: the
       destination is computed on the device, not sliced with Python ints.
-    * **``update`` returns the whole buffer**, (B, H_kv, max_cache_len, D), the same shape at every
-      step. A view of the filled prefix would have a different length each token (a new shape, a
-      new graph). The price is attention over the empty tail; the model's mask hides it (those slots
-      lie after every query's position, so causality alone masks them), which is why
-      ``get_mask_sizes`` reports ``max_cache_len``.
+    * **Traced, ``update`` returns the whole buffer**, (B, H_kv, max_cache_len, D), the same shape at
+      every step. A view of the filled prefix would have a different length each token (a new shape,
+      a new graph). The price is attention over the empty tail; the model's mask hides it (those
+      slots lie after every query's position, so causality alone masks them), which is why
+      ``get_mask_sizes`` then reports ``max_cache_len``.
 
     This is transformers' ``StaticLayer`` contract, so ``generate`` can compile the forward
-    (``cache_implementation="static"`` with a ``compile_config``). ``GrowingKVLayer`` keeps the
-    eager-friendly contract (Python int length, prefix views).
+    (``cache_implementation="static"`` with a ``compile_config``). Run eagerly (nothing to trace),
+    the layer keeps the eager-friendly contract of ``GrowingKVLayer`` instead: the fill level read as
+    a Python int, the filled prefix returned, no attention over empty slots. Which one applies is
+    ``torch.compiler.is_compiling()``, true while dynamo or ``torch.export`` traces.
 
     Args:
         max_cache_len: the most tokens (prompt + generated) it can hold.
@@ -304,8 +309,9 @@ class StaticKVLayer(KVBufferLayer):
                 self.lazy_initialization(key_states, value_states)
             self.fresh = False
         new_tokens = key_states.shape[-2]
-        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
-            # One host read per layer and step; compiled, the check is skipped (index_copy_ still refuses
+        traced = torch.compiler.is_compiling()
+        if not traced:
+            # One host read per layer and step; traced, the check is skipped (index_copy_ still refuses
             # an out-of-range slot).
             needed = int(self.cumulative_length) + new_tokens
             if needed > self.max_cache_len:
@@ -314,11 +320,16 @@ class StaticKVLayer(KVBufferLayer):
         self.key_buffer.index_copy_(2, slots, key_states)  # in place, into slots along the sequence axis
         self.value_buffer.index_copy_(2, slots, value_states)
         self.cumulative_length.add_(new_tokens)  # in place, never rebound: the compiled graph holds it
-        return self.key_buffer, self.value_buffer
+        if traced:
+            return self.key_buffer, self.value_buffer  # (B, H_kv, max_cache_len, D): one shape for every token
+        return self.key_buffer[:, :, :needed], self.value_buffer[:, :, :needed]  # eager: (B, H_kv, past + T, D)
 
     def get_seq_length(self) -> torch.Tensor | int:
-        """The fill level, a 0-d tensor (0 before the first write), as transformers' ``StaticLayer``."""
-        return self.cumulative_length if self.is_initialized else 0
+        """The fill level: traced, a 0-d tensor (as transformers' ``StaticLayer``), a graph input whose value
+        may change; eager, a Python int (0 before the first write)."""
+        if not self.is_initialized:
+            return 0
+        return self.cumulative_length if torch.compiler.is_compiling() else int(self.cumulative_length)
 
     @property
     def length(self) -> int:
@@ -331,8 +342,11 @@ class StaticKVLayer(KVBufferLayer):
         pass
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """(kv_length, kv_offset): ``update`` returns the whole buffer, so ``max_cache_len`` from 0."""
-        return self.max_cache_len, 0
+        """(kv_length, kv_offset): traced, ``update`` returns the whole buffer (``max_cache_len`` from 0);
+        eager, the filled prefix (``past + query_length`` from 0)."""
+        if torch.compiler.is_compiling():
+            return self.max_cache_len, 0
+        return self.get_seq_length() + query_length, 0
 
     def reset(self) -> None:
         """Forget the contents but keep the buffers (stale slots sit beyond the fill level, masked)."""
@@ -405,6 +419,8 @@ class StaticKVCache(Cache):
             super().__init__(layers=[StaticKVLayer(max_cache_len) for _ in range(num_layers)])
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        """(max_cache_len, 0) for every layer, also one not created yet (``Cache`` would answer ``query_length``
-        for it, but the first write already returns the whole buffer)."""
-        return self.max_cache_len, 0
+        """As :meth:`StaticKVLayer.get_mask_sizes`, also for a layer not created yet: traced, the first write
+        already returns the whole buffer (``max_cache_len``); eager, the ``query_length`` tokens written."""
+        if layer_idx < len(self.layers):
+            return self.layers[layer_idx].get_mask_sizes(query_length)
+        return (self.max_cache_len if torch.compiler.is_compiling() else query_length), 0

@@ -24,9 +24,10 @@
 # allocate the whole buffer once, before the first token: nothing is reallocated while decoding,
 # memory use is known up front (a server admits a request only if its cache fits), and the tensors
 # keep their shapes and addresses, which is what ``torch.compile`` and CUDA graphs need.
-# Both return the *whole* buffer at every step (one shape, the empty tail masked) and keep their
-# fill level in a tensor; ``GrowingKVCache`` returns the filled prefix (no work on empty slots,
-# built for eager decoding).
+# Both keep their fill level in a tensor and, under ``torch.compile``, return the *whole* buffer at
+# every step (one shape, the empty tail masked). Run eagerly, ``StaticKVCache`` returns the filled
+# prefix, as ``GrowingKVCache`` does (no work on empty slots), where ``StaticCache`` still attends
+# over the whole buffer.
 #
 # Compiling the decoding step
 # ---------------------------
