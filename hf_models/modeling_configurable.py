@@ -773,14 +773,16 @@ class MoEExperts(nn.Module):
 
     def sorted_runs(self, grouped: torch.Tensor, counts: torch.Tensor, expert_of_slot: torch.Tensor) -> torch.Tensor:
         """One matmul per projection and expert, over that expert's run; experts with no tokens are skipped."""
+        # Each stack read once: under a LoRA parametrization (lesson 8) every read recomputes W + BA.
+        gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
         outputs = []
         for e, run in enumerate(grouped.split(counts.tolist())):  # run: (n_e, C)
             if run.shape[0] == 0:
                 continue
             gate_up_bias = None if self.gate_up_proj_bias is None else self.gate_up_proj_bias[e]
             down_bias = None if self.down_proj_bias is None else self.down_proj_bias[e]
-            hidden = self.swiglu(F.linear(run, self.gate_up_proj[e], gate_up_bias))  # (n_e, C) -> (n_e, 2I) -> (n_e, I)
-            outputs.append(F.linear(hidden, self.down_proj[e], down_bias))  # (n_e, C)
+            hidden = self.swiglu(F.linear(run, gate_up_proj[e], gate_up_bias))  # (n_e, C) -> (n_e, 2I) -> (n_e, I)
+            outputs.append(F.linear(hidden, down_proj[e], down_bias))  # (n_e, C)
         return torch.cat(outputs)  # (N*k, C)
 
     def extra_repr(self) -> str:
