@@ -207,6 +207,31 @@ def test_quantization_lesson_compares_every_int8_variant_and_saves_a_quantized_f
     assert isinstance(reloaded.model.layers[0].mlp.down_proj, Int8Linear)
 
 
+def test_quantization_lesson_says_the_moe_experts_stay_in_full_precision(small_text_file, tmp_path):
+    """Lesson 9 on a tiny mixture of experts: bitsandbytes and the hand int8 swap nn.Linear layers only, so the experts'
+    3-D weights stay unquantized; the recipe prints which, records their dtype per variant, and the card says it."""
+    from hf_models import MoEDecoderConfig, MoEDecoderForCausalLM
+    from hf_models.tokenization import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(small_text_file.read_text())
+    config = MoEDecoderConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    MoEDecoderForCausalLM(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    output_dir = tmp_path / "run"
+    command = [sys.executable, str(REPO / "recipes" / "09_quantization.py"), "--model", str(tmp_path / "moe"),
+               "--dataset", "text", "--data_files", str(small_text_file), "--output_dir", str(output_dir),
+               "--max_eval_tokens", "300", "--prompts", "2", "--prompt_tokens", "8", "--new_tokens", "4", "--rounds", "1",
+               "--layer_width", "64"]
+    result = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert ("MoE model: its 4 expert weights (down_proj, gate_up_proj: 3-D, 98,304 parameters" in result.stdout
+            and "leave them unquantized, in full precision: bfloat16 in bf16; float32 in fp32, hand int8 weight-only" in result.stdout)
+    experts = json.loads((output_dir / "results.json").read_text())["experts"]
+    assert experts["dtype_per_variant"]["bitsandbytes NF4"] == experts["dtype_per_variant"]["bitsandbytes int8"] == ["float32"]
+    assert "the experts (3-D weights, not nn.Linear) stay in float32" in (output_dir / "modern-gpt-shakespeare-int8" / "README.md").read_text()
+
+
 def test_dpo_lesson_trains_with_trl_and_the_hand_loop_and_saves_the_aligned_model(tmp_path):
     """Lesson 11 with tiny settings from a tiny saved SFT model: a missing SFT model is refused with the
     recipe to run; both trainers train on the same pairs and their held-out curves agree; the
