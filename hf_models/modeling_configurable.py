@@ -610,8 +610,10 @@ class ConfigurableAttention(nn.Module):
         )
 
 
-# How MoEExperts runs its per-expert matmuls: "grouped_mm" or "sorted_runs" (see MoEExperts), the
-# faster of the two in benchmarks/moe_dispatch.py; a model can switch with `block.experts.dispatch = ...`.
+# How MoEExperts runs its per-expert matmuls: "grouped_mm" or "sorted_runs" (see MoEExperts). grouped_mm: on a GPU
+# one kernel with no host read; on CPU, where torch._grouped_mm is itself a loop of one matmul per expert, it measured
+# a little ahead in training and level with sorted_runs at batch-1 decoding (benchmarks/moe_dispatch.py, 2 cores).
+# A model can switch with `block.experts.dispatch = ...`.
 MOE_DISPATCH = "grouped_mm"
 
 
@@ -714,7 +716,13 @@ class MoEExperts(nn.Module):
     * ``"sorted_runs"``: the same as a Python loop of one matmul per expert over
       ``split(counts.tolist())``: readable, and one host read of the counts per layer.
 
-    ``benchmarks/moe_dispatch.py`` times both; :data:`MOE_DISPATCH` is the faster one measured.
+    ``benchmarks/moe_dispatch.py`` times both; :data:`MOE_DISPATCH` is the faster one measured. At a
+    decode step (one token, ``k`` slots) the matmuls are tiny and the bookkeeping around them is what
+    costs: so the outputs go back to slot order by a copy (``index_copy_``) and each token sums its
+    ``k`` rows, rather than a scatter-add into the tokens (``index_add_``), which on CPU cost a third
+    or more of the layer there. Both dispatches already run only the chosen experts' matmuls; a per-token loop
+    over the ``k`` chosen experts would save the sort too, but needs a host read of the expert ids
+    (a stall on a GPU) for a few percent of a CPU decode step, so it is not a third path here.
 
     At scale, **expert parallelism** (GShard, Lepikhin et al. 2020) puts different experts on
     different devices: the sorted runs are exactly what one all-to-all sends to each expert's device,
@@ -752,7 +760,12 @@ class MoEExperts(nn.Module):
             run = self.sorted_runs
         expert_out = run(grouped, counts, expert_of_slot)  # (N*k, C), still in sorted order
         expert_out = expert_out * weights.reshape(-1)[order, None].to(expert_out.dtype)
-        return torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out.to(tokens.dtype))  # (N, C)
+        # Back to slot order, then each token sums its k slots. `order` is a permutation, so putting the rows
+        # back is a copy (index_copy_; its backward a gather), not the scatter-add that index_add_(0,
+        # token_of_slot, ...) would be: same sum, but on CPU that scatter-add took ~40 us even for one
+        # token, as long as a grouped_mm (torch.profiler; a third or more of a decode step's MoE layer).
+        slot_out = torch.empty_like(expert_out).index_copy_(0, order, expert_out)  # (N*k, C): row s is slot s
+        return slot_out.view(-1, top_k, slot_out.shape[-1]).sum(dim=1).to(tokens.dtype)  # (N, k, C) -> (N, C)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         """(M, 2I) -> (M, I): ``silu(gate) * up``, gate first as in ``MixtralExperts``."""
