@@ -131,6 +131,32 @@ def test_a_decode_step_reads_only_the_chosen_experts(dispatch):
     assert block.experts.gate_up_proj.grad[sorted(chosen)].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted_runs"])
+def test_the_combine_puts_slots_back_by_a_copy_not_a_scatter_add(dispatch):
+    """Each token's k outputs return to slot order by ``index_copy_`` (a permutation) and are summed per token: on CPU the
+    scatter-add of ``index_add_`` cost as much as a grouped_mm at a decode step (benchmarks/moe_dispatch.py).
+    Checked on the aten ops a decode step and a training forward/backward actually run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    block, _ = block_pair(seed=6)
+    block.experts.dispatch = dispatch
+    for tokens in (1, 40):
+        x = torch.randn(1, tokens, HIDDEN, requires_grad=True)
+        with RecordOps() as recorded:
+            block(x)[0].sum().backward()
+        assert "index_copy_" in recorded.ops or "index_copy" in recorded.ops
+        assert not {"index_add_", "index_add", "scatter_add_", "scatter_add"} & recorded.ops, sorted(recorded.ops)
+
+
 def test_a_folder_saved_with_one_linear_per_expert_loads_into_the_fused_layout():
     """``tests/fixtures/moe_per_expert_folder`` was saved by the zoo before the experts were fused
     (``experts.<e>.{gate,up,down}_proj.weight``), with its logits; it loads, through both entry points, to the same logits."""
