@@ -305,7 +305,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbedd
     for name, module in model.named_modules():
         if isinstance(module, _LORA_TYPES):
             # torch keeps a parametrization at <owner>.parametrizations.<parameter>.0; name it by the parameter it adapts.
-            yield re.sub(r"\.parametrizations\.(\w+)\.0$", r".\1", name), module
+            yield re.sub(r"(^|\.)parametrizations\.(\w+)\.0$", r"\1\2", name), module
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
