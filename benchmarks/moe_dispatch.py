@@ -8,7 +8,13 @@ One script run, interleaved (``hf_models.benchmarking.time_interleaved``), on on
   equal active parameters (one SwiGLU ``k`` experts wide), at recipe 10's default shape;
 * greedy generation at batch 1 of the two zoo dispatches and Mixtral, checked to give the same tokens.
 
-Prints paired ratios with their q1-q3 band; writes the samples to ``benchmarks/results/moe_dispatch.json``.
+Prints the machine (``describe_machine``: CPU, threads, OMP wait policy, load average) and paired ratios
+with their q1-q3 band; writes the samples to ``benchmarks/results/moe_dispatch.json``. Threads: all
+usable cores by default (``--threads``), with OpenMP's passive wait (``use_passive_omp_wait``) as the
+other scripts here. About two minutes with the defaults on 2 CPU cores.
+
+    python benchmarks/moe_dispatch.py                 # recipe 10's default shape
+    python benchmarks/moe_dispatch.py --threads 1 --rounds 20
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import time
 from pathlib import Path
 
 import torch
 
 from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM, MoEDecoderConfig, MoEDecoderForCausalLM
-from hf_models.benchmarking import describe_machine, time_interleaved
+from hf_models.benchmarking import describe_machine, time_interleaved, use_passive_omp_wait
 from hf_models.conversion import moe_to_mixtral
 
 DISPATCHES = ("grouped_mm", "sorted_runs")
@@ -40,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--new_tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: every usable core)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe_dispatch.json")
     return parser.parse_args()
 
@@ -77,6 +86,12 @@ def generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int):
 
 def main() -> None:
     args = parse_args()
+    if args.threads != 1:
+        use_passive_omp_wait()  # sleeping, not spinning, OpenMP threads: fair on a shared machine (restarts once)
+    torch.set_num_threads(args.threads)
+    machine = describe_machine()
+    print(f"machine: {machine.summary()}")
+    start = time.perf_counter()
     torch.manual_seed(0)
     config = MoEDecoderConfig(
         vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
@@ -107,7 +122,8 @@ def main() -> None:
     same_tokens = all(torch.equal(o, outputs["transformers Mixtral"]) for o in outputs.values())
     generate = time_interleaved(generators, rounds=args.rounds, warmup=1)
 
-    report = dict(machine=dataclasses.asdict(describe_machine()), args={k: str(v) for k, v in vars(args).items()},
+    report = dict(machine=dataclasses.asdict(machine), load_average_1min_after=os.getloadavg()[0], seconds=time.perf_counter() - start,
+                  args={k: str(v) for k, v in vars(args).items()},
                   mixtral_experts_implementation=mixtral.config._experts_implementation, same_greedy_tokens=same_tokens,
                   training=train.to_dict(), generation=generate.to_dict(), ratios={})
     print(f"training step, batch {args.batch_size}x{args.block_size}: ratio = baseline time / contender time, median (q1-q3)")
@@ -128,6 +144,8 @@ def main() -> None:
     ratio = generate.speedup("zoo MoE grouped_mm", "zoo MoE sorted_runs")
     report["ratios"]["generate grouped_mm vs sorted_runs"] = dataclasses.asdict(ratio)
     print(f"  grouped_mm vs sorted_runs {ratio.band()}")
+    print(f"load average (1 min): {machine.load_average_1min} before, {report['load_average_1min_after']:.2f} after; "
+          f"{report['seconds']:.0f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
 

@@ -610,8 +610,10 @@ class ConfigurableAttention(nn.Module):
         )
 
 
-# How MoEExperts runs its per-expert matmuls: "grouped_mm" or "sorted_runs" (see MoEExperts), the
-# faster of the two in benchmarks/moe_dispatch.py; a model can switch with `block.experts.dispatch = ...`.
+# How MoEExperts runs its per-expert matmuls: "grouped_mm" or "sorted_runs" (see MoEExperts). grouped_mm: on a GPU
+# one kernel with no host read; on CPU, where torch._grouped_mm is itself a loop of one matmul per expert, it measured
+# a little ahead in training and level with sorted_runs at batch-1 decoding (benchmarks/moe_dispatch.py, 2 cores).
+# A model can switch with `block.experts.dispatch = ...`.
 MOE_DISPATCH = "grouped_mm"
 
 
@@ -710,11 +712,20 @@ class MoEExperts(nn.Module):
 
     * ``"grouped_mm"``: ``torch._grouped_mm(x, W, offs)`` multiplies the run ending at ``offs[e]``
       by ``W[e]``, all experts in one call (the grouped GEMM of MegaBlocks and CUTLASS). The run
-      ends stay on the device: no host read, so it is also what ``torch.compile`` traces.
+      ends stay on the device: no host read, so it is also what ``torch.compile`` traces in bf16.
     * ``"sorted_runs"``: the same as a Python loop of one matmul per expert over
       ``split(counts.tolist())``: readable, and one host read of the counts per layer.
+    * ``"gathered"``: each slot multiplies its own expert's weights, gathered per slot (one ``bmm``):
+      what ``torch.compile`` and ``torch.export`` trace in fp32, where ``_grouped_mm``'s tracing
+      kernel accepts bf16 only; it copies k experts' weights per token, so it is for few tokens.
 
-    ``benchmarks/moe_dispatch.py`` times both; :data:`MOE_DISPATCH` is the faster one measured.
+    ``benchmarks/moe_dispatch.py`` times the first two; :data:`MOE_DISPATCH` is the faster measured. At a
+    decode step (one token, ``k`` slots) the matmuls are tiny and the bookkeeping around them is what
+    costs: so the outputs go back to slot order by a copy (``index_copy_``) and each token sums its
+    ``k`` rows, rather than a scatter-add into the tokens (``index_add_``), which on CPU cost a third
+    or more of the layer there. Every dispatch runs only the chosen experts' matmuls; a per-token loop
+    over the ``k`` chosen experts would save the sort too, but needs a host read of the expert ids
+    (a stall on a GPU) for a few percent of a CPU decode step, so it is not another path here.
 
     At scale, **expert parallelism** (GShard, Lepikhin et al. 2020) puts different experts on
     different devices: the sorted runs are exactly what one all-to-all sends to each expert's device,
@@ -746,13 +757,18 @@ class MoEExperts(nn.Module):
         expert_of_slot = flat_experts[order]  # (N*k,): non-decreasing
         counts = torch.bincount(flat_experts, minlength=self.num_experts)  # (E,): the length of each run
         grouped = tokens[token_of_slot]  # (N*k, C): expert 0's run, then expert 1's, ...
-        if self.dispatch == "grouped_mm" or is_tracing():
-            run = self.grouped_mm_runs
+        if is_tracing():  # torch.compile / torch.export: no host read; _grouped_mm's tracing kernel takes bf16 only
+            run = self.grouped_mm_runs if self.gate_up_proj.dtype == torch.bfloat16 else self.gathered_runs
         else:
-            run = self.sorted_runs
+            run = {"grouped_mm": self.grouped_mm_runs, "sorted_runs": self.sorted_runs, "gathered": self.gathered_runs}[self.dispatch]
         expert_out = run(grouped, counts, expert_of_slot)  # (N*k, C), still in sorted order
         expert_out = expert_out * weights.reshape(-1)[order, None].to(expert_out.dtype)
-        return torch.zeros_like(tokens).index_add_(0, token_of_slot, expert_out.to(tokens.dtype))  # (N, C)
+        # Back to slot order, then each token sums its k slots. `order` is a permutation, so putting the rows
+        # back is a copy (index_copy_; its backward a gather), not the scatter-add that index_add_(0,
+        # token_of_slot, ...) would be: same sum, but on CPU that scatter-add took ~40 us even for one
+        # token, as long as a grouped_mm (torch.profiler; a third or more of a decode step's MoE layer).
+        slot_out = torch.empty_like(expert_out).index_copy_(0, order, expert_out)  # (N*k, C): row s is slot s
+        return slot_out.view(-1, top_k, slot_out.shape[-1]).sum(dim=1).to(tokens.dtype)  # (N, k, C) -> (N, C)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         """(M, 2I) -> (M, I): ``silu(gate) * up``, gate first as in ``MixtralExperts``."""
@@ -773,15 +789,33 @@ class MoEExperts(nn.Module):
 
     def sorted_runs(self, grouped: torch.Tensor, counts: torch.Tensor, expert_of_slot: torch.Tensor) -> torch.Tensor:
         """One matmul per projection and expert, over that expert's run; experts with no tokens are skipped."""
+        # Each stack read once: under a LoRA parametrization (lesson 8) every read recomputes W + BA.
+        gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
         outputs = []
         for e, run in enumerate(grouped.split(counts.tolist())):  # run: (n_e, C)
             if run.shape[0] == 0:
                 continue
             gate_up_bias = None if self.gate_up_proj_bias is None else self.gate_up_proj_bias[e]
             down_bias = None if self.down_proj_bias is None else self.down_proj_bias[e]
-            hidden = self.swiglu(F.linear(run, self.gate_up_proj[e], gate_up_bias))  # (n_e, C) -> (n_e, 2I) -> (n_e, I)
-            outputs.append(F.linear(hidden, self.down_proj[e], down_bias))  # (n_e, C)
+            hidden = self.swiglu(F.linear(run, gate_up_proj[e], gate_up_bias))  # (n_e, C) -> (n_e, 2I) -> (n_e, I)
+            outputs.append(F.linear(hidden, down_proj[e], down_bias))  # (n_e, C)
         return torch.cat(outputs)  # (N*k, C)
+
+    def gathered_runs(self, grouped: torch.Tensor, counts: torch.Tensor, expert_of_slot: torch.Tensor) -> torch.Tensor:
+        """Each slot times its own expert's weights, gathered per slot: one ``bmm`` per projection.
+
+        No host read and no shape that depends on the routing, so it traces in any dtype; the price is a
+        copy of each slot's expert weights ((N*k, 2I, C) and (N*k, C, I)): fine for the few tokens of a
+        compiled or exported decoding step, too much for a long prefill, which runs eagerly.
+        """
+        gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
+        gate_up = torch.bmm(gate_up_proj[expert_of_slot], grouped.unsqueeze(-1)).squeeze(-1)  # (N*k, 2I, C) @ (N*k, C, 1) -> (N*k, 2I)
+        if self.gate_up_proj_bias is not None:
+            gate_up = gate_up + self.gate_up_proj_bias[expert_of_slot]
+        out = torch.bmm(down_proj[expert_of_slot], self.swiglu(gate_up).unsqueeze(-1)).squeeze(-1)  # (N*k, C, I) @ (N*k, I, 1) -> (N*k, C)
+        if self.down_proj_bias is not None:
+            out = out + self.down_proj_bias[expert_of_slot]
+        return out
 
     def extra_repr(self) -> str:
         E, two_i, C = self.gate_up_proj.shape

@@ -24,7 +24,8 @@ one) *before* it resolves the quantizer, so ``"zoo_int8"`` is known by then.
 Loading, step by step (the same hooks bitsandbytes uses):
 
 1. ``_process_model_before_weight_loading``: on the empty (meta) model, every ``nn.Linear`` but the
-   ones kept in full precision becomes an :class:`~.int8.Int8Linear`.
+   ones kept in full precision becomes an :class:`~.int8.Int8Linear`. An MoE's experts are 3-D
+   weights, not ``nn.Linear``, so they (and the router) stay in full precision, as under bitsandbytes.
 2. A full-precision checkpoint: each linear weight, as it is read, goes through
    :class:`Int8QuantizeOp` (``param_needs_quantization`` says which), which returns the int8
    codes and the scale. Layer by layer, so the fp32 model is never whole in memory.

@@ -19,6 +19,12 @@
 #    the hand-written LoRA on lesson 7's ``TrainingLoop``. Both adapt every linear layer of the
 #    decoder (per projection: this decoder has separate q/k/v; lesson 4's GPT fuses them into one
 #    ``qkv_proj``, which LoRA would adapt as one matrix) and leave the tied embedding / LM head alone.
+#    On a mixture-of-experts base (a Mixtral checkpoint, lesson 10's model) the experts are not
+#    linear layers but 3-D weights (E, out, in); both LoRAs reach them through ``target_parameters``,
+#    one rank-r pair per expert, added to the weight (``W + BA``). There is then no adapter input to
+#    drop, so peft refuses ``lora_dropout != 0``: on an MoE base the dropout is 0 (printed), and an
+#    explicit ``--lora_dropout`` above 0 is refused before anything runs. (peft's config has one
+#    dropout for the whole adapter, so the attention layers get 0 too.)
 # 4. **Evaluate.** Held-out response loss, the task score of greedy answers (format, exact, near, and
 #    the task score: near where the format holds, else 0),
 #    trainable parameter share, and tokens/s, for base, hand LoRA and peft LoRA.
@@ -41,10 +47,20 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from peft.tuners.lora.layer import ParamWrapper
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from hf_models.adapters import LoRAConfig, apply_lora, lora_to_peft, merge_lora, save_lora, trainable_parameters
+from hf_models.adapters import (
+    LoRAConfig,
+    LoRAExpertWeights,
+    apply_lora,
+    lora_layers,
+    lora_to_peft,
+    merge_lora,
+    save_lora,
+    trainable_parameters,
+)
 from hf_models.benchmarking import ThroughputCallback, describe_machine, use_passive_omp_wait
 from hf_models.data import load_instruction_data, score_next_lines, use_training_chat_template
 from hf_models.evaluation import evaluate_splits, generate_answers, response_loss, tokenize_conversation
@@ -55,11 +71,29 @@ from hf_models.recipe_support import (
     load_lesson_corpus,
     parse_lesson_args,
     resolve_training_model_source,
+    source_expert_weights,
 )
 from hf_models.tokenization import load_tokenizer_for, token_byte_lengths
 from hf_models.training.loop import TrainingLoop
 
 BASE_RECIPE = "recipes/05_modern_gpt.py"
+DENSE_LORA_DROPOUT = 0.05
+
+
+def choose_lora_dropout(given: float | None, experts: list[str], base_model: str) -> float:
+    """The adapters' dropout: ``given``, else 0.05; 0 on a base with expert weights, where an explicit value above 0 is
+    refused. Their LoRA is ``W + BA`` on the weight (``target_parameters``), so no input of the adapter alone exists to
+    drop, and peft's ``ParamWrapper`` raises on ``lora_dropout != 0``: better named here, before anything runs."""
+    if not experts:
+        return DENSE_LORA_DROPOUT if given is None else given
+    if given:
+        raise ValueError(
+            f"--lora_dropout {given} cannot be used with --base_model {base_model!r}: it is a mixture of experts, whose "
+            f"expert weights ({', '.join(sorted({name.rsplit('.', 2)[-2] + '.' + name.rsplit('.', 1)[-1] for name in experts}))}) "
+            "LoRA adapts through target_parameters, adding B @ A to each expert's weight, so there is no adapter input "
+            "to drop (peft's ParamWrapper refuses lora_dropout != 0). Allowed on an MoE base: --lora_dropout 0, or no "
+            "--lora_dropout (then 0).")
+    return 0.0
 
 
 @dataclass
@@ -70,7 +104,9 @@ class LoRAArguments:
     instruction_data: str | None = field(default=None, metadata={"help": "A trl-format dataset id, folder or file (default: the plays' next-line task)."})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha: updates are scaled by alpha / r."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' input."})
+    lora_dropout: float | None = field(default=None, metadata={"help": (
+        f"Dropout on the adapters' input; default {DENSE_LORA_DROPOUT} on a dense base, 0 on an MoE base (its experts' "
+        "adapters are added to the weight, where dropout cannot apply; above 0 is refused there).")})
     max_length: int = field(default=128, metadata={"help": "Longest conversation in tokens (the base's context)."})
     eval_rows: int = field(default=300, metadata={"help": "Held-out conversations for the response loss and the task score."})
     max_new_tokens: int = field(default=40, metadata={"help": "Longest generated answer."})
@@ -90,8 +126,18 @@ args, data_args, lesson_args, training_args = parse_lesson_args(
 output_dir = Path(training_args.output_dir)
 machine = describe_machine()
 precision = choose_bf16(training_args, machine)  # trl's default is bf16; here only where measured faster, or --bf16
+experts = source_expert_weights(args.base_model, "--base_model", BASE_RECIPE)  # from the config alone, before converting
+lora_dropout = choose_lora_dropout(args.lora_dropout, experts or [], args.base_model)  # refused here if it cannot work
 base = resolve_training_model_source(args.base_model, "--base_model", BASE_RECIPE, training_args)  # a stock one converted once
 base_folder = base.folder
+if experts is None:  # a Hub id whose config could not be read before: the converted folder has it now
+    experts = source_expert_weights(str(base_folder), "--base_model", BASE_RECIPE)
+    lora_dropout = choose_lora_dropout(args.lora_dropout, experts, args.base_model)
+# The experts' 3-D weights by dotted suffix ("experts.gate_up_proj"), for peft's and the hand LoRA's target_parameters.
+expert_targets = sorted({".".join(name.split(".")[-2:]) for name in experts})
+if expert_targets:
+    print(f"MoE base: LoRA also adapts every expert ({', '.join(expert_targets)}: one rank-{args.lora_rank} pair per expert, "
+          f"through target_parameters), with lora_dropout {lora_dropout:g}: dropout cannot apply to an update added to the weight")
 
 # %% [markdown]
 # ## 1. Data: conversations through the chat template; the answers carry the loss.
@@ -138,8 +184,9 @@ def load_base() -> torch.nn.Module:
 results: dict = {"machine": machine.to_dict(), "precision": precision, "base_model": str(base_folder), "base": base.description,
                   "chat_template": chat_template, "before": evaluate(load_base())}
 
-# 3a. trl's SFTTrainer + peft LoRA: every linear layer of the decoder, the tied LM head left alone.
-lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout)
+# 3a. trl's SFTTrainer + peft LoRA: every linear layer of the decoder, the tied LM head left alone; on an MoE base
+#     every expert's weights too (target_parameters).
+lora = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=lora_dropout)
 settings = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
 settings["eval_strategy"] = "no"  # the held-out numbers come from evaluate() before and after
 config = SFTConfig(**settings, assistant_only_loss=True, max_length=args.max_length, packing=False)
@@ -148,14 +195,16 @@ throughput = ThroughputCallback(int(batch * mean_tokens))
 trainer = SFTTrainer(
     model=load_base(), args=dataclasses.replace(config, output_dir=str(output_dir / "trl")), train_dataset=train,
     processing_class=tokenizer, callbacks=[throughput],
-    peft_config=LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules="all-linear"),
+    peft_config=LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules="all-linear",
+                           target_parameters=expert_targets or None),
 )
 trainer.train()
 peft_model = trainer.model.eval()
 
 # 3b. The hand-written LoRA on lesson 7's loop, same rows in the same order, same settings object.
 set_seed(training_args.seed)
-hand_model = apply_lora(load_base(), LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"], target_modules="all-linear"))
+hand_model = apply_lora(load_base(), LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], dropout=lora["dropout"], target_modules="all-linear",
+                                                target_parameters=expert_targets))
 loop = TrainingLoop(hand_model, train_ids, dataclasses.replace(config, output_dir=str(output_dir / "hand")),
                     collate=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"))
 hand = loop.train()
@@ -168,6 +217,9 @@ hand_model = loop.accelerator.unwrap_model(loop.model).eval()
 trainable = {"peft": list(peft_model.get_nb_trainable_parameters()), "hand": list(trainable_parameters(hand_model))}
 results["after_peft"], results["after_hand"] = evaluate(peft_model), evaluate(hand_model)
 results["trainable_parameters"] = trainable
+results["lora_dropout"] = lora_dropout
+results["expert_adapters"] = {"peft": sum(isinstance(m, ParamWrapper) for m in peft_model.modules()),
+                              "hand": sum(isinstance(layer, LoRAExpertWeights) for _, layer in lora_layers(hand_model))}
 results["tokens_per_second"] = {"trl + peft": throughput.tokens_per_second, "hand loop + hand LoRA": hand.tokens_per_second,
                                 "hand_over_trl": hand.tokens_per_second / throughput.tokens_per_second}
 header = "| model | response loss | response perplexity | format | exact | near | task score | trainable | tokens/s | held-out bits/byte |"
@@ -199,7 +251,8 @@ results[held_out] = results["after_hand"]["held_out_text"][held_out]
 after, before = results["after_hand"], results["before"]
 card = dict(
     summary=(f"The base {base.description} (`{base_folder}`) fine-tuned on the plays' next-line task with a hand-written LoRA "
-             f"(rank {lora['rank']}, alpha {lora['alpha']:g}, every linear layer but the tied LM head; "
+             f"(rank {lora['rank']}, alpha {lora['alpha']:g}, every linear layer but the tied LM head"
+             f"{', and every expert through target_parameters, dropout 0' if expert_targets else ''}; "
              f"{trainable['hand'][0]:,} trainable parameters, {trainable['hand'][0] / trainable['hand'][1]:.1%}) on lesson 7's loop, "
              f"then merged. On held-out plays its answers keep the task's format {after['task']['format']:.0%} of the time "
              f"(base {before['task']['format']:.0%}), task score {after['task']['task']:.3f} (base {before['task']['task']:.3f}), "

@@ -23,6 +23,13 @@
 # 5. The int8 model saved as a folder with its card: it reloads quantized with ``from_pretrained``
 #    (also with ``trust_remote_code`` where hf_models is not installed).
 #
+# A mixture of experts (lesson 10, a Mixtral checkpoint) keeps its experts as 3-D weights (E, out, in),
+# not ``nn.Linear`` layers. bitsandbytes' int8 and NF4 replace ``nn.Linear`` layers only, and so does the
+# hand int8, so **the experts stay in full precision** in every variant here (in bf16 in the bf16 row):
+# the recipe prints which tensors, how many parameters, and their dtype in each variant. The table's
+# "linear MB" leaves them out; "model MB" counts them. Quantizing experts needs a kernel for 3-D
+# weights (e.g. llama.cpp's GGUF quantizes Mixtral's experts; bitsandbytes does not).
+#
 # Threads: one by default (a shared 2-core machine; see lesson 6).
 #
 # Run:
@@ -47,7 +54,7 @@ from hf_models.evaluation import evaluate_token_stream
 from hf_models.files import save_folder_atomically, write_json_atomically
 from hf_models.int8 import DEFAULT_THRESHOLD, Int8Linear, absmax_quantize, llm_int8_matmul, outlier_columns, w8a8_matmul
 from hf_models.tokenization import load_tokenizer_for, token_byte_lengths, tokenizer_for_saving
-from hf_models.recipe_support import DataArguments, build_model_card, load_lesson_corpus, recipe_argv, resolve_model_source
+from hf_models.recipe_support import DataArguments, build_model_card, expert_weights, load_lesson_corpus, recipe_argv, resolve_model_source
 from hf_models.recipe_support.validation import check_counts, check_output_dir_writable
 
 
@@ -230,6 +237,27 @@ context = models["fp32"].config.max_position_embeddings
 if args.prompt_tokens + args.new_tokens > context:
     sys.exit(f"--prompt_tokens + --new_tokens = {args.prompt_tokens + args.new_tokens} exceeds the model's context {context}.")
 
+def expert_precision(models: dict[str, torch.nn.Module]) -> dict | None:
+    """An MoE's expert weights, and their dtype in each variant (int8 and NF4 swap nn.Linear layers only); None for a dense model."""
+    names = expert_weights(models["fp32"])
+    if not names:
+        return None
+    dtypes = {variant: sorted({str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if n in names})
+              for variant, model in models.items()}
+    count = sum(p.numel() for n, p in models["fp32"].named_parameters() if n in names)
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in names})
+    by_dtype = {dtype: [v for v in dtypes if dtypes[v] == [dtype]] for dtype in sorted({d for ds in dtypes.values() for d in ds})}
+    statement = (f"MoE model: its {len(names)} expert weights ({', '.join(kinds)}: 3-D, {count:,} parameters, "
+                 f"{count / models['fp32'].num_parameters():.0%} of the model) are not nn.Linear layers, so bitsandbytes int8/NF4 "
+                 f"and the hand int8 leave them unquantized, in full precision: "
+                 + "; ".join(f"{dtype} in {', '.join(variants)}" for dtype, variants in by_dtype.items())
+                 + ". 'linear MB' leaves them out; 'model MB' counts them.")
+    return dict(weights=names, parameters=count, dtype_per_variant=dtypes, statement=statement)
+
+experts = expert_precision(models)
+if experts:
+    print(experts["statement"])
+
 # %% [markdown]
 # ## 3. Quality: held-out perplexity and bits per byte, and greedy agreement with fp32.
 
@@ -315,7 +343,9 @@ name = next(n for n, m in models.items() if m is saved)
 card = build_model_card(
     model_name=args.model_name, lesson="9 (INT8 quantization by hand)", recipe="recipes/09_quantization.py",
     summary=f"The {source.description} with every linear layer but the tied LM head in int8 ({args.saved_scheme}: absmax, "
-    f"symmetric, per output channel; hf_models/int8.py). Load: AutoModelForCausalLM.from_pretrained(folder) "
+    f"symmetric, per output channel; hf_models/int8.py)"
+    f"{'; the experts (3-D weights, not nn.Linear) stay in ' + experts['dtype_per_variant'][name][0] if experts else ''}. "
+    f"Load: AutoModelForCausalLM.from_pretrained(folder) "
     f"(or trust_remote_code=True without hf_models).",
     dataset=data_args.dataset, tokenizer=f"{len(tokenizer)} tokens, the model's own",
     results={split: rows[name]["held_out"]},
@@ -336,7 +366,7 @@ def write(tmp: Path) -> None:
 int8_folder = save_folder_atomically(output_dir / args.model_name, write)
 write_json_atomically(output_dir / "results.json", dict(
     arguments=asdict(args), data=asdict(data_args), model_folder=str(folder), model=source.description, split=split, machine=machine.to_dict(),
-    results=rows, llama_cpp_q8_0=llama, outliers=story, single_layer_speed_vs_fp32=layer, int8_folder=str(int8_folder),
+    results=rows, experts=experts, llama_cpp_q8_0=llama, outliers=story, single_layer_speed_vs_fp32=layer, int8_folder=str(int8_folder),
     timings={f"batch{batch}": t.to_dict() for batch, t in timings.items()},
 ))
 print(f"\nint8 folder: {int8_folder}\nresults: {output_dir / 'results.json'}")

@@ -9,12 +9,14 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import ParamWrapper
 from transformers import AutoModelForCausalLM
 
 import hf_models
 from hf_models.adapters import (
     LoRAConfig,
     LoRAEmbedding,
+    LoRAExpertWeights,
     LoRALinear,
     apply_lora,
     load_lora,
@@ -27,12 +29,16 @@ from hf_models.adapters import (
 from tests.helpers import build_tiny_model
 
 VOCAB = 97
+EXPERT_WEIGHTS = ["experts.gate_up_proj", "experts.down_proj"]  # lesson 10's 3-D expert stacks, by dotted suffix
 # Every model type with linear layers (the bigram table has none: its LoRA is on the embedding).
 LINEAR_MODEL_TYPES = [t for t in sorted(hf_models.MODEL_REGISTRY) if t != "zoo_bigram"]
 
 
 def ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.LongTensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+_LORA = (LoRALinear, LoRAEmbedding, LoRAExpertWeights)
 
 
 def randomise(model: torch.nn.Module) -> None:
@@ -57,14 +63,32 @@ def train_a_few_steps(model: torch.nn.Module, input_ids: torch.Tensor, learning_
         optimizer.zero_grad()
 
 
+def peft_expert_factors(peft_model: torch.nn.Module, grad: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"<owner>.<parameter>": (A (E, r, in), B (E, out, r))}`` of every peft ``ParamWrapper``, read as peft's own
+    ``get_delta_factors`` reads them: A (E*r, in) is expert-major, B (out, r*E) rank-major. ``grad``: their gradients."""
+    factors = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, ParamWrapper):
+            owner = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
+            A, B = (A.grad, B.grad) if grad else (A, B)
+            E = module.num_experts
+            factors[f"{owner}.{module.parameter_name}"] = (A.reshape(E, -1, A.shape[-1]), B.reshape(B.shape[0], -1, E).permute(2, 0, 1))
+    return factors
+
+
 def copy_peft_factors_into(hand: torch.nn.Module, peft_model: torch.nn.Module) -> int:
-    """Copy peft's A/B (adapter "default") into the hand adapters of the same modules; returns how many."""
+    """Copy peft's A/B (adapter "default") into the hand adapters of the same modules and expert weights; returns how many."""
     peft_state = peft_model.state_dict()
+    experts = peft_expert_factors(peft_model)
     copied = 0
     with torch.no_grad():
         for name, layer in lora_layers(hand):
             prefix = f"base_model.model.{name}"
-            if isinstance(layer, LoRALinear):
+            if isinstance(layer, LoRAExpertWeights):
+                layer.lora_A.copy_(experts[name][0])
+                layer.lora_B.copy_(experts[name][1])
+            elif isinstance(layer, LoRALinear):
                 layer.lora_A.weight.copy_(peft_state[f"{prefix}.lora_A.default.weight"])
                 layer.lora_B.weight.copy_(peft_state[f"{prefix}.lora_B.default.weight"])
             else:
@@ -93,6 +117,87 @@ def test_same_factors_give_peft_outputs(model_type, targets):
     x = ids()
     assert not torch.allclose(logits(hand, x), logits(base, x), atol=1e-3)  # the adapters do change the function
     torch.testing.assert_close(logits(hand, x), logits(peft_model, x), atol=1e-6, rtol=0)
+
+
+def test_expert_weights_equal_peft_target_parameters_in_outputs_and_gradients():
+    """Lesson 10's experts are 3-D weights, not nn.Linear: peft reaches them with ``target_parameters``
+    (``ParamWrapper``), the hand LoRA with the same names (:class:`LoRAExpertWeights`). With peft's random
+    A and B (``init_lora_weights=False``: B is not zero) copied in, logits, loss and every factor's gradient agree."""
+    base = build_tiny_model("zoo_moe", VOCAB)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules="all-linear",
+                                                                target_parameters=EXPERT_WEIGHTS, init_lora_weights=False))
+    hand = apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, alpha=12, target_parameters=EXPERT_WEIGHTS))
+    expert_layers = {name: layer for name, layer in lora_layers(hand) if isinstance(layer, LoRAExpertWeights)}
+    E, C = base.config.num_local_experts, base.config.hidden_size
+    assert sorted(expert_layers) == sorted(peft_expert_factors(peft_model)) == [
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(base.config.num_hidden_layers) for p in ("down_proj", "gate_up_proj")]
+    assert expert_layers["model.layers.0.mlp.experts.down_proj"].lora_A.shape == (E, 4, base.config.intermediate_size)
+    assert expert_layers["model.layers.0.mlp.experts.down_proj"].lora_B.shape == (E, C, 4)
+    assert copy_peft_factors_into(hand, peft_model) == len(list(lora_layers(hand)))
+    x = ids()
+    assert not torch.allclose(logits(hand, x), logits(base, x), atol=1e-3)
+    torch.testing.assert_close(logits(hand, x), logits(peft_model, x), atol=1e-5, rtol=0)
+
+    hand_loss = hand(input_ids=x, labels=x).loss
+    peft_loss = peft_model(input_ids=x, labels=x).loss
+    torch.testing.assert_close(hand_loss, peft_loss, atol=1e-5, rtol=0)
+    hand_loss.backward()
+    peft_loss.backward()
+    peft_grads = peft_expert_factors(peft_model, grad=True)
+    for name, layer in expert_layers.items():
+        assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0  # every expert is reached
+        torch.testing.assert_close(layer.lora_A.grad, peft_grads[name][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.lora_B.grad, peft_grads[name][1], atol=1e-5, rtol=1e-5)
+    assert trainable_parameters(hand) == tuple(peft_model.get_nb_trainable_parameters())
+
+
+def test_expert_weights_merge_unmerge_save_and_convert_to_peft(tmp_path):
+    """The expert adapters do what the linear ones do: merge equals unmerged and unmerge restores the weights;
+    merge_lora leaves plain parameters that save and reload; save_lora/load_lora round-trip exactly; trained
+    by hand, the adapter converts to peft's layout (A (E*r, in), B (out, r*E), nested wrappers) and reloads there."""
+    base = build_tiny_model("zoo_moe", VOCAB)
+    base.save_pretrained(tmp_path / "base")
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                       LoRAConfig(rank=4, alpha=8, target_modules=["q_proj"], target_parameters=EXPERT_WEIGHTS))
+    x = ids()
+    torch.testing.assert_close(logits(model, x), logits(base, x), atol=0, rtol=0)  # B = 0: starts as the base
+    train_a_few_steps(model.train(), x, learning_rate=1e-2)
+    model.eval()
+    expected = logits(model, x)
+    assert not torch.allclose(expected, logits(base, x), atol=1e-3)
+
+    experts = model.model.layers[0].mlp.experts
+    frozen = experts.parametrizations.gate_up_proj.original.clone()
+    for _, layer in lora_layers(model):
+        layer.merge()
+    assert not torch.allclose(experts.parametrizations.gate_up_proj.original, frozen)  # the update is in the weight
+    torch.testing.assert_close(logits(model, x), expected, atol=1e-5, rtol=0)
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    torch.testing.assert_close(experts.parametrizations.gate_up_proj.original, frozen, atol=1e-6, rtol=0)
+
+    save_lora(model, tmp_path / "hand")
+    reloaded = load_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "hand").eval()
+    torch.testing.assert_close(logits(reloaded, x), expected, atol=0, rtol=0)
+
+    peft_folder = lora_to_peft(model, tmp_path / "peft", base_model_name_or_path=str(tmp_path / "base"))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(peft_folder)).eval()
+    assert len(peft_expert_factors(peft_model)) == 2 * base.config.num_hidden_layers
+    torch.testing.assert_close(logits(peft_model, x), expected, atol=1e-5, rtol=0)
+
+    merged = merge_lora(model)
+    assert not any(isinstance(m, _LORA) for m in merged.modules()) and not hasattr(merged.model.layers[0].mlp.experts, "parametrizations")
+    merged.save_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), x), expected, atol=1e-5, rtol=0)
+
+
+def test_expert_weights_refuse_dropout_and_name_what_is_there():
+    with pytest.raises(ValueError, match=r"dropout must be 0 when target_parameters are set \(got dropout=0.05"):
+        LoRAConfig(dropout=0.05, target_parameters=EXPERT_WEIGHTS)
+    with pytest.raises(ValueError, match=r"matches no parameter; this model's 3-D weights are \['down_proj', 'gate_up_proj'\]"):
+        apply_lora(build_tiny_model("zoo_moe", VOCAB), LoRAConfig(target_parameters=["experts.w1"]))
+    with pytest.raises(ValueError, match=r"only 3-D expert weights"):
+        apply_lora(build_tiny_model("zoo_moe", VOCAB), LoRAConfig(target_parameters=["router.weight"]))
 
 
 @pytest.mark.parametrize("model_type", LINEAR_MODEL_TYPES)

@@ -60,7 +60,7 @@ def block_pair(seed: int = 0) -> tuple[SparseMoeBlock, MixtralSparseMoeBlock]:
     return ours, reference
 
 
-@pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted_runs"])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted_runs", "gathered"])
 @pytest.mark.parametrize("length", [9, 1], ids=["prefill", "decode"])
 @pytest.mark.parametrize("training", [False, True])
 def test_block_equals_mixtral_sparse_moe_block(length, training, dispatch):
@@ -94,7 +94,7 @@ def expert_by_hand(experts: MoEExperts, e: int, token: torch.Tensor, bias: bool)
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted_runs"])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted_runs", "gathered"])
 def test_both_dispatches_equal_a_naive_per_token_loop(dispatch, bias):
     torch.manual_seed(3)
     block = SparseMoeBlock(HIDDEN, INTER, EXPERTS, TOP_K, bias=bias)
@@ -111,7 +111,7 @@ def test_both_dispatches_equal_a_naive_per_token_loop(dispatch, bias):
     torch.testing.assert_close(block.experts(tokens, weights, experts), naive, **TOLERANCE)
 
 
-@pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted_runs"])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted_runs", "gathered"])
 def test_a_decode_step_reads_only_the_chosen_experts(dispatch):
     """One token, k = 2 of 4: the weights of the two experts it is not routed to get no gradient, and NaN there changes nothing."""
     block, _ = block_pair(seed=4)
@@ -129,6 +129,32 @@ def test_a_decode_step_reads_only_the_chosen_experts(dispatch):
     after.sum().backward()
     assert block.experts.gate_up_proj.grad[unused].abs().sum() == 0
     assert block.experts.gate_up_proj.grad[sorted(chosen)].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted_runs", "gathered"])
+def test_the_combine_puts_slots_back_by_a_copy_not_a_scatter_add(dispatch):
+    """Each token's k outputs return to slot order by ``index_copy_`` (a permutation) and are summed per token: on CPU the
+    scatter-add of ``index_add_`` cost as much as a grouped_mm at a decode step (benchmarks/moe_dispatch.py).
+    Checked on the aten ops a decode step and a training forward/backward actually run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    block, _ = block_pair(seed=6)
+    block.experts.dispatch = dispatch
+    for tokens in (1, 40):
+        x = torch.randn(1, tokens, HIDDEN, requires_grad=True)
+        with RecordOps() as recorded:
+            block(x)[0].sum().backward()
+        assert "index_copy_" in recorded.ops or "index_copy" in recorded.ops
+        assert not {"index_add_", "index_add", "scatter_add_", "scatter_add"} & recorded.ops, sorted(recorded.ops)
 
 
 def test_a_folder_saved_with_one_linear_per_expert_loads_into_the_fused_layout():

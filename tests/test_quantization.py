@@ -329,6 +329,38 @@ def test_every_zoo_model_loads_quantized_and_generates_the_same_with_and_without
     assert torch.equal(with_cache, loaded.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False))
 
 
+@pytest.mark.parametrize("variant", ["bitsandbytes int8", "bitsandbytes NF4", "hand int8"])
+def test_quantization_leaves_moe_experts_in_full_precision(variant, tmp_path):
+    """An MoE's experts are 3-D weights (E, out, in), not nn.Linear: bitsandbytes' int8 and NF4, like the hand int8,
+    replace nn.Linear layers only. The attention is quantized and the experts (and the router) are the fp32 tensors
+    saved, bit for bit; lesson 9's statement names them (``hf_models.recipe_support.expert_weights`` finds them).
+    Widths of 64: bitsandbytes' CPU NF4 needs in_features >= 64."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    from hf_models.recipe_support import expert_weights
+
+    fp32 = build_tiny_model("zoo_moe", 97, hidden_size=64, intermediate_size=64)
+    fp32.save_pretrained(tmp_path)
+    config, quantized_type = {
+        "bitsandbytes int8": (dict(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"), bnb.nn.Linear8bitLt),
+        "bitsandbytes NF4": (dict(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+                                  device_map="cpu"), bnb.nn.Linear4bit),
+        "hand int8": (dict(quantization_config=ZooInt8Config()), Int8Linear),
+    }[variant]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, **config).eval()
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, quantized_type)
+    names = expert_weights(loaded)
+    assert names == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")]
+    reference = dict(fp32.named_parameters())
+    for name in names + ["model.layers.0.mlp.router.weight"]:
+        parameter = loaded.get_parameter(name)
+        assert type(parameter) is nn.Parameter and parameter.dtype == torch.float32
+        assert torch.equal(parameter, reference[name])
+    with torch.no_grad():
+        assert torch.isfinite(loaded(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

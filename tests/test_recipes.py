@@ -207,6 +207,31 @@ def test_quantization_lesson_compares_every_int8_variant_and_saves_a_quantized_f
     assert isinstance(reloaded.model.layers[0].mlp.down_proj, Int8Linear)
 
 
+def test_quantization_lesson_says_the_moe_experts_stay_in_full_precision(small_text_file, tmp_path):
+    """Lesson 9 on a tiny mixture of experts: bitsandbytes and the hand int8 swap nn.Linear layers only, so the experts'
+    3-D weights stay unquantized; the recipe prints which, records their dtype per variant, and the card says it."""
+    from hf_models import MoEDecoderConfig, MoEDecoderForCausalLM
+    from hf_models.tokenization import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(small_text_file.read_text())
+    config = MoEDecoderConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    MoEDecoderForCausalLM(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    output_dir = tmp_path / "run"
+    command = [sys.executable, str(REPO / "recipes" / "09_quantization.py"), "--model", str(tmp_path / "moe"),
+               "--dataset", "text", "--data_files", str(small_text_file), "--output_dir", str(output_dir),
+               "--max_eval_tokens", "300", "--prompts", "2", "--prompt_tokens", "8", "--new_tokens", "4", "--rounds", "1",
+               "--layer_width", "64"]
+    result = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert ("MoE model: its 4 expert weights (down_proj, gate_up_proj: 3-D, 98,304 parameters" in result.stdout
+            and "leave them unquantized, in full precision: bfloat16 in bf16; float32 in fp32, hand int8 weight-only" in result.stdout)
+    experts = json.loads((output_dir / "results.json").read_text())["experts"]
+    assert experts["dtype_per_variant"]["bitsandbytes NF4"] == experts["dtype_per_variant"]["bitsandbytes int8"] == ["float32"]
+    assert "the experts (3-D weights, not nn.Linear) stay in float32" in (output_dir / "modern-gpt-shakespeare-int8" / "README.md").read_text()
+
+
 def test_dpo_lesson_trains_with_trl_and_the_hand_loop_and_saves_the_aligned_model(tmp_path):
     """Lesson 11 with tiny settings from a tiny saved SFT model: a missing SFT model is refused with the
     recipe to run; both trainers train on the same pairs and their held-out curves agree; the
@@ -381,6 +406,47 @@ def test_lessons_8_and_11_start_from_a_stock_checkpoint(small_text_file, tmp_pat
     assert results["start"] == "zoo_modern folder tiny, from qwen2 checkpoint Qwen2-twin"
     assert "| start: zoo_modern folder tiny, from qwen2 checkpoint Qwen2-twin (before) |" in results["table"]
     assert type(AutoModelForCausalLM.from_pretrained(dpo_run / "tiny")) is ModernDecoderForCausalLM
+
+
+def test_lora_sft_lesson_adapts_every_expert_of_a_mixtral_checkpoint(small_text_file, tmp_path):
+    """Lesson 8 on a random-weight Mixtral checkpoint: its experts are 3-D weights, which peft's LoRA and the hand LoRA
+    both reach through target_parameters (one adapter per expert weight and layer, the same trainable count), with
+    lora_dropout 0 chosen and said, since peft refuses dropout there; the hand adapter, converted to peft's format,
+    reloads to the merged model's logits. An explicit --lora_dropout above 0 is refused by name before conversion."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.helpers import save_stock_twin
+
+    twin = save_stock_twin("mixtral", tmp_path / "Mixtral-twin")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODELS_CACHE=str(tmp_path / "cache"), TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, str(REPO / "recipes" / "08_lora_sft.py"), "--base_model", str(tmp_path / "Mixtral-twin"),
+               "--dataset", "text", "--data_files", str(small_text_file), "--model_name", "tiny",
+               "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "512", "--eval_rows", "2",
+               "--max_new_tokens", "4", "--max_eval_tokens", "300", "--sample_tokens", "4", "--bf16", "false", "--lora_rank", "4",
+               "--disable_tqdm", "true"]
+    refused = subprocess.run(command + ["--output_dir", str(tmp_path / "refused"), "--lora_dropout", "0.1"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "--lora_dropout 0.1 cannot be used with --base_model" in refused.stderr, refused.stderr[-3000:]
+    assert "experts.gate_up_proj" in refused.stderr and "Allowed on an MoE base: --lora_dropout 0" in refused.stderr
+    assert not (tmp_path / "refused" / "converted").exists()
+
+    output_dir = tmp_path / "sft"
+    result = subprocess.run(command + ["--output_dir", str(output_dir)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "MoE base: LoRA also adapts every expert (experts.down_proj, experts.gate_up_proj" in result.stdout
+    assert "with lora_dropout 0" in result.stdout
+    results = json.loads((output_dir / "results.json").read_text())
+    layers = twin.config.num_hidden_layers
+    assert results["lora_dropout"] == 0 and results["expert_adapters"] == {"peft": 2 * layers, "hand": 2 * layers}
+    assert results["trainable_parameters"]["hand"] == results["trainable_parameters"]["peft"]
+
+    merged = AutoModelForCausalLM.from_pretrained(results["model_folder"]).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(results["base_model"]), results["adapters"]["hand-peft"]).eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(tmp_path / "Mixtral-twin").encode("ROMEO:\nBut soft")])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
 def test_moe_lesson_continues_a_mixtral_checkpoint(small_text_file, tmp_path):

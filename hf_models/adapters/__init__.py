@@ -2,6 +2,8 @@
 
     from hf_models.adapters import LoRAConfig, apply_lora, merge_lora, save_lora, lora_to_peft
     apply_lora(model, LoRAConfig(rank=8, alpha=16, target_modules="all-linear"))   # freezes the base
+    # an MoE's experts too (3-D weights, one rank-r pair per expert; dropout must be 0 there):
+    # LoRAConfig(..., dropout=0.0, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
     ...train...
     save_lora(model, "adapter")            # A and B alone, kilobytes
     lora_to_peft(model, "adapter-peft")    # the same adapter for PeftModel.from_pretrained
@@ -11,6 +13,7 @@
 from .lora import (
     LoRAConfig,
     LoRAEmbedding,
+    LoRAExpertWeights,
     LoRALinear,
     apply_lora,
     load_lora,
@@ -24,6 +27,7 @@ from .lora import (
 __all__ = [
     "LoRAConfig",
     "LoRAEmbedding",
+    "LoRAExpertWeights",
     "LoRALinear",
     "apply_lora",
     "load_lora",

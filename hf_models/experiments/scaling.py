@@ -21,8 +21,9 @@ Every figure is read off a config's fields, so a 47B-parameter Mixtral costs not
 
 Weight bytes: fp32 4 B and bf16 2 B per parameter. ``int8`` and ``nf4`` quantize what lesson 9
 (``hf_models.int8``) and bitsandbytes do: the weight of every Linear in the blocks (attention,
-feed-forward, experts, recurrent and hidden projections); embeddings, LM head, norms, biases and the MoE
-router stay bf16. int8: 1 B per weight + one fp32 scale per output row; nf4: 0.5 B per weight + one fp32
+dense feed-forward, recurrent and hidden projections); embeddings, LM head, norms, biases, the MoE
+router and the MoE experts stay bf16 (the experts are Mixtral's fused 3-D tensors, not Linears, and
+both swap ``nn.Linear`` only, so an MoE saves little memory by int8 or nf4 here). int8: 1 B per weight + one fp32 scale per output row; nf4: 0.5 B per weight + one fp32
 absmax per block of 64 (bitsandbytes' default blocksize, no double quantization).
 
 Recurrent lessons have no KV cache (``kv_cache_bytes_per_token`` is 0): the GRU carries ``layers x hidden``
@@ -85,8 +86,9 @@ class _Architecture:
     state_elements: int = 0
 
 
-def _linear(rows: int, cols: int, count: int = 1, active: int | None = None, bias: bool = False) -> list[_Group]:
-    weight = _Group(rows, cols, count, active, matmul=True, quantized=True)
+def _linear(rows: int, cols: int, count: int = 1, active: int | None = None, bias: bool = False,
+            quantized: bool = True) -> list[_Group]:
+    weight = _Group(rows, cols, count, active, matmul=True, quantized=quantized)
     return [weight, _Group(rows, 1, count, active)] if bias else [weight]
 
 
@@ -113,8 +115,8 @@ def _decoder(
     if feed_forward == "gelu":
         groups += _linear(I, C, L, bias=mlp_bias) + _linear(C, I, L, bias=mlp_bias)
     else:  # SwiGLU's gate, up and down, in each of `experts` experts of which `top_k` run per token
-        for rows, cols in ((I, C), (I, C), (C, I)):
-            groups += _linear(rows, cols, L * experts, L * top_k, bias=mlp_bias)
+        for rows, cols in ((I, C), (I, C), (C, I)):  # an MoE's are 3-D expert stacks: int8/nf4 leave them alone
+            groups += _linear(rows, cols, L * experts, L * top_k, bias=mlp_bias, quantized=feed_forward != "moe")
     if feed_forward == "moe":
         groups.append(_Group(experts, C, L, matmul=True))  # the router, kept in full precision
     groups += [_Group(C, 1, norm), _Group(vocab, C, matmul=True, stored=not tied)]  # final norm, LM head

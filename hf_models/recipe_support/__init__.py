@@ -49,7 +49,14 @@ from .arguments import (
 )
 from .lesson_data import LessonData, bpe_tokenizer_for, load_lesson_corpus, prepare_lesson_data
 from .model_card import build_model_card
-from .model_source import ModelSource, check_source_model_type, resolve_model_source, resolve_training_model_source
+from .model_source import (
+    ModelSource,
+    check_source_model_type,
+    expert_weights,
+    resolve_model_source,
+    resolve_training_model_source,
+    source_expert_weights,
+)
 from .notebook import show
 from .publishing import finish_lesson, push_folder_to_hub, sample_with_pipeline
 from .trainer_setup import DECODER_TRAINING_DEFAULTS, build_trainer, choose_bf16, train_and_evaluate
@@ -69,7 +76,9 @@ __all__ = [
     "flags_given",
     "ModelSource",
     "check_source_model_type",
+    "expert_weights",
     "resolve_model_source",
+    "source_expert_weights",
     "resolve_training_model_source",
     "finish_lesson",
     "global_batch_size",

@@ -13,6 +13,10 @@ A lesson that can only start from one kind of model (lesson 10 continues pretrai
 experts) passes ``model_types``: the ``model_type`` of the folder, or of the stock config, is read
 first (a config file, no weights) and anything else refused, naming the flag, the value and the
 types allowed, before a checkpoint is converted or any data is prepared.
+
+A mixture of experts keeps its experts as 3-D weights (lesson 10), which LoRA reaches only through
+``target_parameters`` and bitsandbytes does not quantize: :func:`expert_weights` names them in a
+model, :func:`source_expert_weights` in the model a flag names, from its config alone.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoConfig
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..conversion.stock import describe_source, folder_model_type, is_stock_checkpoint, load_stock_checkpoint, looks_like_hub_id
 from ..files import save_folder_atomically
@@ -96,6 +102,31 @@ def check_source_model_type(value: str, flag: str, recipe: str, model_types: tup
         )
 
 
+def expert_weights(model: nn.Module) -> list[str]:
+    """The full names of ``model``'s expert weights: the 3-D parameters (E, out, in) of its ``experts`` modules
+    (lesson 10's ``MoEExperts``, transformers' ``MixtralExperts``: ``gate_up_proj``, ``down_proj``). Empty for a dense model."""
+    return [name for name, parameter in model.named_parameters() if parameter.dim() == 3 and name.rpartition(".")[0].endswith("experts")]
+
+
+def source_expert_weights(value: str, flag: str, recipe: str) -> list[str] | None:
+    """:func:`expert_weights` of the model ``value`` names (a zoo folder, a stock folder or a Hub id), read from its config
+    alone: the model is built on the meta device, so no weight is read and nothing is converted. ``None`` for a Hub id
+    the Hub cannot be asked about (offline)."""
+    path = Path(value)
+    if path.exists():
+        source = path if is_stock_checkpoint(path) else find_model_folder(value, flag, recipe)
+    elif looks_like_hub_id(value):
+        source = value
+    else:
+        source = find_model_folder(value, flag, recipe)  # raises, naming the recipe that writes one
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError):  # not on the Hub, no network, HF_HUB_OFFLINE
+        return None
+    with torch.device("meta"):
+        return expert_weights(AutoModelForCausalLM.from_config(config))
+
+
 def resolve_model_source(value: str, flag: str, recipe: str, output_dir: str | os.PathLike, convert: bool = True,
                          model_types: tuple[str, ...] | None = None) -> ModelSource:
     """The zoo folder ``value`` names (see the module docstring), checked, with its description.
@@ -144,5 +175,5 @@ def resolve_training_model_source(value: str, flag: str, recipe: str, training_a
                                     model_types=model_types)
 
 
-__all__ = ["check_source_model_type", "resolve_training_model_source", "ModelSource", "convert_stock_checkpoint", "converted_folder", "describe_zoo_folder", "resolve_model_source",
-           "source_model_type"]
+__all__ = ["check_source_model_type", "resolve_training_model_source", "ModelSource", "convert_stock_checkpoint", "converted_folder", "describe_zoo_folder",
+           "expert_weights", "resolve_model_source", "source_expert_weights", "source_model_type"]
