@@ -10,7 +10,7 @@ One script run, interleaved (``hf_models.benchmarking.time_interleaved``), on on
 
 Prints the machine (``describe_machine``: CPU, threads, OMP wait policy, load average) and paired ratios
 with their q1-q3 band; writes the samples to ``benchmarks/results/moe_dispatch.json``. Threads: all
-usable cores by default (``--threads``), with OpenMP's passive wait (``use_passive_omp_wait``) as the
+usable cores by default (``--threads``), with OpenMP's passive wait (``prepare_benchmark``) as the
 other scripts here. About two minutes with the defaults on 2 CPU cores.
 
     python benchmarks/moe_dispatch.py                 # recipe 10's default shape
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from hf_models import ModernDecoderConfig, ModernDecoderForCausalLM, MoEDecoderConfig, MoEDecoderForCausalLM
-from hf_models.benchmarking import describe_machine, time_interleaved, use_passive_omp_wait
+from hf_models.benchmarking import prepare_benchmark, time_interleaved
 from hf_models.conversion import moe_to_mixtral
 
 DISPATCHES = ("grouped_mm", "sorted_runs")
@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: every usable core)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0, the default: every usable core)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe_dispatch.json")
     return parser.parse_args()
 
@@ -86,11 +86,7 @@ def generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int):
 
 def main() -> None:
     args = parse_args()
-    if args.threads != 1:
-        use_passive_omp_wait()  # sleeping, not spinning, OpenMP threads: fair on a shared machine (restarts once)
-    torch.set_num_threads(args.threads)
-    machine = describe_machine()
-    print(f"machine: {machine.summary()}")
+    machine = prepare_benchmark(args.threads)  # passive OpenMP waits, pinned threads, the machine printed
     start = time.perf_counter()
     torch.manual_seed(0)
     config = MoEDecoderConfig(
