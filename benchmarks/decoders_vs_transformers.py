@@ -369,7 +369,6 @@ def main() -> None:
     (args,) = HfArgumentParser(DecodersBenchmarkArguments).parse_args_into_dataclasses()
     if min(args.rounds or 2, args.generation_rounds) < 2:
         raise SystemExit("--rounds and --generation_rounds must be at least 2 (the table reports quartiles)")
-    print("measuring the matmul peak ...", flush=True)
     machine = prepare_benchmark(args.threads)  # passive OpenMP waits, pinned threads, the machine printed
     output_dir = Path(args.output_dir)
 

@@ -146,7 +146,7 @@ def torch_decoder(model, prompt_ids: list[list[int]], new_tokens: int, compiled:
     """A callable decoding every prompt greedily with ``model.generate`` (eager, or compiled as transformers does)."""
     settings = dict(max_new_tokens=new_tokens, do_sample=False)
     if compiled:
-        settings.update(cache_implementation="static", compile_config=compile_config())
+        settings.update(cache_implementation="static", compile_config=compile_config(model.device))
     prompts = [torch.tensor([ids]) for ids in prompt_ids]
 
     def decode() -> list[list[int]]:

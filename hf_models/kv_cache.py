@@ -309,20 +309,23 @@ class StaticKVLayer(KVBufferLayer):
                 self.lazy_initialization(key_states, value_states)
             self.fresh = False
         new_tokens = key_states.shape[-2]
-        traced = torch.compiler.is_compiling()
-        if not traced:
-            # One host read per layer and step; traced, the check is skipped (index_copy_ still refuses
-            # an out-of-range slot).
-            needed = int(self.cumulative_length) + new_tokens
-            if needed > self.max_cache_len:
-                self._ensure_capacity(needed)
-        slots = torch.arange(new_tokens, device=self.key_buffer.device) + self.cumulative_length  # (T,)
-        self.key_buffer.index_copy_(2, slots, key_states)  # in place, into slots along the sequence axis
-        self.value_buffer.index_copy_(2, slots, value_states)
-        self.cumulative_length.add_(new_tokens)  # in place, never rebound: the compiled graph holds it
-        if traced:
+        if torch.compiler.is_compiling():
+            # Traced: slots computed on the device from the 0-d fill level, no Python int anywhere (no bounds
+            # check either; index_copy_ still refuses an out-of-range slot).
+            slots = torch.arange(new_tokens, device=self.key_buffer.device) + self.cumulative_length  # (T,)
+            self.key_buffer.index_copy_(2, slots, key_states)  # in place, into slots along the sequence axis
+            self.value_buffer.index_copy_(2, slots, value_states)
+            self.cumulative_length.add_(new_tokens)  # in place, never rebound: the compiled graph holds it
             return self.key_buffer, self.value_buffer  # (B, H_kv, max_cache_len, D): one shape for every token
-        return self.key_buffer[:, :, :needed], self.value_buffer[:, :, :needed]  # eager: (B, H_kv, past + T, D)
+        # Eager: one host read of the fill level per layer and step, then GrowingKVLayer's plain slice writes.
+        start = int(self.cumulative_length)
+        end = start + new_tokens
+        if end > self.max_cache_len:
+            self._ensure_capacity(end)
+        self.key_buffer.narrow(2, start, new_tokens).copy_(key_states)  # in place, (B, H_kv, T, D) slots
+        self.value_buffer.narrow(2, start, new_tokens).copy_(value_states)
+        self.cumulative_length.add_(new_tokens)
+        return self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]  # (B, H_kv, past + T, D), views
 
     def get_seq_length(self) -> torch.Tensor | int:
         """The fill level: traced, a 0-d tensor (as transformers' ``StaticLayer``), a graph input whose value

@@ -35,16 +35,23 @@ LESSON5_SIZE = dict(vocab_size=2048, num_hidden_layers=4, num_attention_heads=4,
 # ----------------------------------------------------------------------------- the six ways to generate
 
 
-def compile_config() -> CompileConfig:
+def compile_config(device: torch.device | str = "cpu") -> CompileConfig:
     """transformers' ``CompileConfig`` for ``generate(..., cache_implementation="static", compile_config=...)``.
 
     ``generate`` then runs the prompt eagerly and every decoding step through one compiled forward
     (``model.get_compiled_call``): with a static cache the step has the same shapes at every token,
     so it is traced once (``fullgraph``: no graph break, ``dynamic=False``: shapes baked in) and
-    replayed. transformers compiles on its own only on accelerators; ``_compile_all_devices`` is its
-    switch to compile on a CPU too (the flag its own tests use).
+    replayed. What is left per token is the code that *calls* the step's kernels. On a GPU that is
+    what CUDA graphs remove (``mode="reduce-overhead"``, transformers' default). A CPU has no graphs
+    to replay, so inductor writes that calling code in C++ instead of Python (``cpp_wrapper``): 15%
+    faster decoding of lesson 5's model here, for about 15 s more compilation, once per shape.
+    transformers compiles on its own only on accelerators; ``_compile_all_devices`` is its switch to
+    compile on a CPU too (the flag its own tests use).
     """
-    config = CompileConfig(fullgraph=True, dynamic=False)
+    if torch.device(device).type == "cpu":
+        config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options={"cpp_wrapper": True})
+    else:
+        config = CompileConfig(fullgraph=True, dynamic=False)
     config._compile_all_devices = True
     return config
 
@@ -59,7 +66,7 @@ CACHES: dict[str, Callable[..., dict]] = {
     "StaticKVCache": lambda model, max_len: {CACHE_FIELD: StaticKVCache(max_cache_len=max_len, num_layers=model.config.num_hidden_layers)},
     "DynamicCache": lambda model, max_len: {CACHE_FIELD: DynamicCache(config=model.config)},
     "StaticCache": lambda model, max_len: {CACHE_FIELD: StaticCache(config=model.config, max_cache_len=max_len)},
-    "StaticKVCache, compiled": lambda model, max_len: dict(cache_implementation="static", compile_config=compile_config()),
+    "StaticKVCache, compiled": lambda model, max_len: dict(cache_implementation="static", compile_config=compile_config(model.device)),
 }
 HAND_WRITTEN = ("GrowingKVCache", "StaticKVCache", "StaticKVCache, compiled")
 
