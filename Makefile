@@ -101,21 +101,24 @@ NOTEBOOK_ARGS ?=
 notebooks: $(STAMP)
 	$(BIN)/python -m hf_models.recipe_support.notebook --output_dir notebooks --recipe_args "$(NOTEBOOK_ARGS)" --recipes recipes/[0-9][0-9]_*.py
 
-# Every benchmark with its defaults. A script that needs what the defaults lack (gpt_vs_nanogpt.py:
-# a nanoGPT checkout, NANOGPT_DIR=...) exits 77 with its reason as the last line on stderr; it is
-# listed as skipped and the others still run. Any other failure fails the target, after the rest ran.
+# Every benchmark with its defaults, each script's seconds and the total listed at the end (all six, with
+# lesson 5's model, llama-cpp-python and a nanoGPT checkout: about 14 minutes on 2 cores). A script that
+# needs what the defaults lack (gpt_vs_nanogpt.py: a nanoGPT checkout, NANOGPT_DIR=...; gguf_llama_cpp.py:
+# lesson 5's model) exits 77 with its reason as the last line on stderr; it is listed as skipped and the
+# others still run. Any other failure fails the target, after the rest ran.
 bench: $(STAMP)
-	@ran=""; skipped=""; failed=""; log=$$(mktemp); \
+	@ran=""; skipped=""; failed=""; log=$$(mktemp); all=$$(date +%s); \
 	for script in benchmarks/*.py; do \
-		echo "== $$script"; \
+		echo "== $$script"; start=$$(date +%s); \
 		$(BIN)/python $$script 2>$$log; status=$$?; cat $$log >&2; \
+		took="$$(( $$(date +%s) - start )) s"; \
 		case $$status in \
-			0) ran="$$ran $$script";; \
+			0) ran="$$ran\n  $$script ($$took)";; \
 			77) skipped="$$skipped\n  $$script: $$(tail -n 1 $$log | sed "s/^skipped: //")";; \
-			*) failed="$$failed $$script";; \
+			*) failed="$$failed\n  $$script ($$took)";; \
 		esac; \
 	done; rm -f $$log; \
-	printf '\nran:%s\nskipped:%b\nfailed:%s\n' "$${ran:- none}" "$${skipped:- none}" "$${failed:- none}"; \
+	printf '\nran:%b\nskipped:%b\nfailed:%b\nin %s s\n' "$${ran:- none}" "$${skipped:- none}" "$${failed:- none}" "$$(( $$(date +%s) - all ))"; \
 	test -z "$$failed"
 
 # Each lesson's model is whole in its hf_models/modeling_<name>.py; a block two lessons share is copied

@@ -113,7 +113,7 @@ class Size:
 
 
 SIZES = {
-    "default": Size(layers=6, heads=6, hidden=384, context=256, batch=8, rounds=10),
+    "default": Size(layers=6, heads=6, hidden=384, context=256, batch=8, rounds=8),
     "small": Size(layers=4, heads=4, hidden=128, context=64, batch=12, rounds=20),
 }
 

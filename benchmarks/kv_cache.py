@@ -78,13 +78,13 @@ class KVCacheBenchmarkArguments:
     prompt_tokens: int = field(default=32, metadata={"help": "Prompt length."})
     total_tokens: int = field(default=512, metadata={"help": "Sequence length at the end of generation (prompt + new)."})
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8], metadata={"help": "Batch sizes to time."})
-    rounds: int = field(default=4, metadata={"help": "Timed rounds of the cached variants per model and batch size, at least."})
+    rounds: int = field(default=3, metadata={"help": "Timed rounds of the cached variants per model and batch size, at least."})
     min_seconds: float = field(
-        default=8.0,
+        default=4.0,
         metadata={"help": "More rounds (up to 3x --rounds) until each cached variant has run this long: cheap cells are noisier."},
     )
     no_cache_samples: int = field(
-        default=16,
+        default=8,
         metadata={"help": "Time no-cache steps at this many lengths and interpolate; 0: generate every token without cache."},
     )
     threads: int = field(default=1, metadata={"help": "torch threads (0: every usable CPU); see recipes/06_kv_cache.py."})
