@@ -778,13 +778,19 @@ class MoEExperts(nn.Module):
     def grouped_mm_runs(self, grouped: torch.Tensor, counts: torch.Tensor, expert_of_slot: torch.Tensor) -> torch.Tensor:
         """All experts in one ``torch._grouped_mm`` per projection: rows up to ``offs[e]`` (exclusive of the previous run) times ``W[e]``."""
         offsets = counts.cumsum(0).to(torch.int32)  # (E,): where each run ends, on the device
+        gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(grouped.device.type):
+            # Autocast's op lists cover F.linear and bmm (the other dispatches) but not the private
+            # _grouped_mm, which would run in fp32 beside a dense model's bf16 matmuls: cast as autocast would.
+            dtype = torch.get_autocast_dtype(grouped.device.type)
+            grouped, gate_up_proj, down_proj = grouped.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)
         # _grouped_mm takes (M, K) @ (E, K, N): the transposes are views of Mixtral's (E, out, in) tensors.
-        gate_up = torch._grouped_mm(grouped, self.gate_up_proj.transpose(1, 2), offs=offsets)  # (N*k, C) -> (N*k, 2I)
+        gate_up = torch._grouped_mm(grouped, gate_up_proj.transpose(1, 2), offs=offsets)  # (N*k, C) -> (N*k, 2I)
         if self.gate_up_proj_bias is not None:
-            gate_up = gate_up + self.gate_up_proj_bias[expert_of_slot]  # (N*k, 2I): each slot its expert's bias
-        out = torch._grouped_mm(self.swiglu(gate_up), self.down_proj.transpose(1, 2), offs=offsets)  # (N*k, I) -> (N*k, C)
+            gate_up = gate_up + self.gate_up_proj_bias[expert_of_slot].to(gate_up.dtype)  # (N*k, 2I): each slot its expert's bias
+        out = torch._grouped_mm(self.swiglu(gate_up), down_proj.transpose(1, 2), offs=offsets)  # (N*k, I) -> (N*k, C)
         if self.down_proj_bias is not None:
-            out = out + self.down_proj_bias[expert_of_slot]
+            out = out + self.down_proj_bias[expert_of_slot].to(out.dtype)
         return out
 
     def sorted_runs(self, grouped: torch.Tensor, counts: torch.Tensor, expert_of_slot: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,30 @@ def test_both_dispatches_equal_a_naive_per_token_loop(dispatch, bias):
     torch.testing.assert_close(block.experts(tokens, weights, experts), naive, **TOLERANCE)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_under_autocast_grouped_mm_multiplies_in_bf16_like_the_other_dispatches(bias):
+    """Autocast casts F.linear (sorted_runs) and bmm (gathered) to bf16 but knows nothing of the private
+    _grouped_mm: left alone it multiplied in fp32 beside a dense model's bf16 matmuls (recipe 10's
+    MoE/dense timing). It casts as autocast would: the same bf16 products as sorted_runs."""
+    torch.manual_seed(3)
+    block = SparseMoeBlock(HIDDEN, INTER, EXPERTS, TOP_K, bias=bias)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    tokens = torch.randn(33, HIDDEN, generator=torch.Generator().manual_seed(2))
+    _, weights, experts = block.router(tokens)
+    outputs = {}
+    for dispatch in ("grouped_mm", "sorted_runs"):
+        block.experts.dispatch = dispatch
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[dispatch] = block.experts(tokens, weights, experts)
+    in_fp32 = block.experts(tokens, weights, experts)
+    scale = in_fp32.abs().max().item()
+    # Equal up to bf16 rounding (F.linear adds its bias before rounding, the grouped path after: one ulp or two).
+    torch.testing.assert_close(outputs["grouped_mm"], outputs["sorted_runs"], atol=2e-2 * scale, rtol=2e-2)
+    assert (outputs["grouped_mm"] - in_fp32).abs().max() > 1e-4 * scale  # bf16 products, not fp32 ones
+
+
 @pytest.mark.parametrize("dispatch", ["grouped_mm", "sorted_runs", "gathered"])
 def test_a_decode_step_reads_only_the_chosen_experts(dispatch):
     """One token, k = 2 of 4: the weights of the two experts it is not routed to get no gradient, and NaN there changes nothing."""
