@@ -201,3 +201,12 @@ def test_cli_bad_input_names_the_flag_the_value_and_what_is_allowed(argv, named,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert all(word in err for word in named), err
+
+
+def test_serving_a_model_whose_weights_outgrow_one_gpu_says_so():
+    """Mixtral 8x7B's experts stay bf16 under 4-bit quantization (bitsandbytes swaps nn.Linear only): 85 GiB,
+    more than an 80 GiB GPU. The note says it is served across GPUs (it once printed "-2 such sequences")."""
+    note = scaling_note(hf_models.MoEDecoderConfig(), "mixtral-8x7b", name="lesson 10")
+    serving = next(line for line in note.splitlines() if line.startswith("- Serving"))
+    assert "several GPUs" in serving and "-" not in serving.split(";")[1]
+    assert "such sequences" in scaling_note(hf_models.ModernDecoderConfig(), "llama-3-8b")  # one that fits keeps its batch

@@ -280,13 +280,18 @@ def scaling_note(config: PreTrainedConfig, frontier: str, name: str = "this less
         lines.append(f"| {label} | {show(a)} | {show(b)} | {f'{b / a:,.0f}x' if a else '-'} |")
     precision = "bf16" if big.weight_bytes["bf16"] < ACCELERATOR_BYTES else "nf4"
     batch = (ACCELERATOR_BYTES - big.weight_bytes[precision]) // max(big.kv_cache_bytes_per_context, 1)
+    if batch > 0:
+        serving = (f"an 80 GiB GPU holds the {precision} weights ({_bytes(big.weight_bytes[precision])}) and {batch} such "
+                   "sequences: the cache caps the batch.")
+    else:  # even the smallest weights leave no room (an MoE whose experts 4-bit quantization does not reach)
+        serving = (f"the {precision} weights alone ({_bytes(big.weight_bytes[precision])}) leave an 80 GiB GPU no room for "
+                   "one: the model is served across several GPUs.")
     flops, our_flops = big.training_flops_per_token, ours.training_flops_per_token
     versus = f"{flops / our_flops:,.0f}x this model's" if our_flops else "this model's table lookup does no matmul"
     means = [
         f"- Training {frontier} costs {flops:.3g} FLOPs per token ({versus}): 6 per active matmul weight "
         f"(2 forward, 4 backward), plus attention over the {big.context:,}-token context.",
-        f"- Serving: one full-context sequence holds {_bytes(big.kv_cache_bytes_per_context)} of KV cache; an 80 GiB GPU holds "
-        f"the {precision} weights ({_bytes(big.weight_bytes[precision])}) and {batch} such sequences: the cache caps the batch.",
+        f"- Serving: one full-context sequence holds {_bytes(big.kv_cache_bytes_per_context)} of KV cache; {serving}",
     ]
     if big.active_parameters < big.total_parameters:
         means.append(f"- {frontier} stores {_count(big.total_parameters)} parameters (memory) but runs "
