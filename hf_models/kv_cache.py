@@ -353,28 +353,12 @@ class StaticKVLayer(KVBufferLayer):
 
     def reset(self) -> None:
         """Forget the contents but keep the buffers (stale slots sit beyond the fill level, masked)."""
-        if self.is_initialized:
-            self.cumulative_length.zero_()
+        super().reset()
         self.fresh = True
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last ``-tokens_to_remove`` tokens (negative count): only the fill level moves back."""
-        if tokens_to_remove > 0:
-            raise ValueError(
-                f"crop takes a negative number of tokens to remove, got {tokens_to_remove}; "
-                f"use crop(-n) to remove the last n tokens."
-            )
-        if tokens_to_remove == 0 or not self.is_initialized:
-            return
-        self.cumulative_length.sub_(-tokens_to_remove).clamp_(min=0)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row ``b`` becomes old row ``beam_idx[b]``, written in place into the same buffers."""
-        if not self.is_initialized:
-            return
-        beam_idx = beam_idx.to(self.key_buffer.device)
-        self.key_buffer.copy_(self.key_buffer.index_select(0, beam_idx))
-        self.value_buffer.copy_(self.value_buffer.index_select(0, beam_idx))
+    # crop, reorder_cache and the batch operations are KVBufferLayer's: they move the fill level through
+    # `_set_length` (in place, into the tensor a compiled graph holds) and act on `keys`/`values`, here
+    # the whole buffers.
 
     def __repr__(self) -> str:
         length = self.length if self.is_initialized else 0
