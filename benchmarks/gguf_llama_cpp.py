@@ -43,7 +43,7 @@ import hf_models  # noqa: F401  (registers the zoo's model types)
 from hf_models.benchmarking import prepare_benchmark, skip_benchmark, time_interleaved
 from hf_models.benchmarking.generation import compile_config
 from hf_models.conversion import modern_to_llama, moe_to_mixtral
-from hf_models.conversion.gguf import export_gguf
+from hf_models.conversion.gguf import export_gguf, llama_cpp_greedy
 from hf_models.files import write_json_atomically
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,15 +86,8 @@ def llama_cpp_worker(connection, gguf_path: str, threads: int, prompt_ids: list[
     # The timed instance keeps only the last position's logits, as a decoding loop needs.
     llm = Llama(model_path=gguf_path, n_ctx=0, verbose=False, n_threads=threads, n_threads_batch=threads)
     while connection.recv() is not None:
-        outputs = []
-        for ids in prompt_ids:
-            out = []
-            for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):  # greedy; EOS does not stop it, as on the torch side
-                out.append(token)
-                if len(out) == new_tokens:
-                    break
-            outputs.append(out)
-        connection.send(outputs)
+        # Greedy; EOS does not stop it, as on the torch side.
+        connection.send([llama_cpp_greedy(llm, ids, new_tokens, stop_at_eos=False) for ids in prompt_ids])
 
 
 class LlamaCppChild:

@@ -251,6 +251,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB, {args.outtype})")
 
 
+def llama_cpp_greedy(llm, ids: list[int], max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
+    """Greedy decoding of ``ids`` in llama.cpp (a ``llama_cpp.Llama``): the new token ids, at most ``max_new_tokens``,
+    ending before an EOS unless ``stop_at_eos`` is false (a benchmark that wants every prompt to decode as long)."""
+    out = []
+    if max_new_tokens < 1:
+        return out
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        if stop_at_eos and token == llm.token_eos():
+            break
+        out.append(token)
+        if len(out) == max_new_tokens:
+            break  # before asking for one more: llama.cpp would run a forward to produce it
+    return out
+
+
 def measure_llama_cpp(gguf_path: str | os.PathLike, texts: list[str], prompts: list[str], max_new_tokens: int) -> dict:
     """Bits per byte, greedy tokens and tokens/s of a GGUF file in llama.cpp (through llama-cpp-python).
 
@@ -286,12 +301,8 @@ def measure_llama_cpp(gguf_path: str | os.PathLike, texts: list[str], prompts: l
     for prompt in prompts:
         ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=False)
         llm.reset()
-        out = []
         start = time.perf_counter()
-        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            if token == llm.token_eos() or len(out) == max_new_tokens:
-                break
-            out.append(token)
+        out = llama_cpp_greedy(llm, ids, max_new_tokens)
         seconds += time.perf_counter() - start
         generated += len(out)
         greedy.append(out)
