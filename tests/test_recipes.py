@@ -165,6 +165,20 @@ def test_training_lesson_compares_the_hand_loop_with_trainer_and_saves_the_tuned
     assert "hand loop vs Trainer" in stdout
 
 
+def run_quantization_lesson(model, tokenizer, small_text_file: Path, tmp_path: Path, max_eval_tokens: int):
+    """Lesson 9 with tiny settings on ``model``, saved with ``tokenizer``: ``(output_dir, completed process)``."""
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    output_dir = tmp_path / "run"
+    command = [sys.executable, str(REPO / "recipes" / "09_quantization.py"), "--model", str(tmp_path / "model"),
+               "--dataset", "text", "--data_files", str(small_text_file), "--output_dir", str(output_dir),
+               "--max_eval_tokens", str(max_eval_tokens), "--prompts", "2", "--prompt_tokens", "8", "--new_tokens", "4",
+               "--rounds", "1", "--layer_width", "64"]
+    result = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return output_dir, result
+
+
 def test_quantization_lesson_compares_every_int8_variant_and_saves_a_quantized_folder(small_text_file, tmp_path):
     """Lesson 9 with tiny settings on a small trained-shape model: the seven-row table, the outlier
     story, and an int8 folder that reloads quantized."""
@@ -177,15 +191,7 @@ def test_quantization_lesson_compares_every_int8_variant_and_saves_a_quantized_f
     tokenizer = build_char_tokenizer(small_text_file.read_text())
     config = ModernDecoderConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, max_position_embeddings=64)  # bitsandbytes' CPU NF4 needs width >= 64
-    ModernDecoderForCausalLM(config).save_pretrained(tmp_path / "lesson5")
-    tokenizer.save_pretrained(tmp_path / "lesson5")
-    output_dir = tmp_path / "run"
-    command = [sys.executable, str(REPO / "recipes" / "09_quantization.py"), "--model", str(tmp_path / "lesson5"),
-               "--dataset", "text", "--data_files", str(small_text_file), "--output_dir", str(output_dir),
-               "--max_eval_tokens", "400", "--prompts", "2", "--prompt_tokens", "8", "--new_tokens", "4", "--rounds", "1",
-               "--layer_width", "64"]
-    result = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    output_dir, result = run_quantization_lesson(ModernDecoderForCausalLM(config), tokenizer, small_text_file, tmp_path, max_eval_tokens=400)
 
     results = json.loads((output_dir / "results.json").read_text())
     rows = results["results"]
@@ -216,15 +222,7 @@ def test_quantization_lesson_says_the_moe_experts_stay_in_full_precision(small_t
     tokenizer = build_char_tokenizer(small_text_file.read_text())
     config = MoEDecoderConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
-    MoEDecoderForCausalLM(config).save_pretrained(tmp_path / "moe")
-    tokenizer.save_pretrained(tmp_path / "moe")
-    output_dir = tmp_path / "run"
-    command = [sys.executable, str(REPO / "recipes" / "09_quantization.py"), "--model", str(tmp_path / "moe"),
-               "--dataset", "text", "--data_files", str(small_text_file), "--output_dir", str(output_dir),
-               "--max_eval_tokens", "300", "--prompts", "2", "--prompt_tokens", "8", "--new_tokens", "4", "--rounds", "1",
-               "--layer_width", "64"]
-    result = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    output_dir, result = run_quantization_lesson(MoEDecoderForCausalLM(config), tokenizer, small_text_file, tmp_path, max_eval_tokens=300)
     assert ("MoE model: its 4 expert weights (down_proj, gate_up_proj: 3-D, 98,304 parameters" in result.stdout
             and "leave them unquantized, in full precision: bfloat16 in bf16; float32 in fp32, hand int8 weight-only" in result.stdout)
     experts = json.loads((output_dir / "results.json").read_text())["experts"]
